@@ -1,0 +1,72 @@
+// Bilinear-sampling arithmetic shared by the CPU and the CUDA kernels.
+//
+// Needs only the C++ standard library (and CUDA's own headers under nvcc), so that
+// the CUDA kernels can be compile-checked on a machine without a CUDA build of torch.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define MSDA_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define MSDA_HOST_DEVICE inline
+#endif
+
+namespace msda {
+
+// The four pixels one sampling point reads and the weights it reads them with.
+// Pixels outside the feature map get index -1 and are skipped by the callers: this is
+// grid_sample's zero padding.
+template <typename acc_t>
+struct BilinearTaps {
+  int64_t index[4];      // row of `value` (level start included), or -1
+  acc_t weight[4];       // bilinear weight
+  acc_t dweight_dx[4];   // d weight / d x, x the normalised location in [0, 1]
+  acc_t dweight_dy[4];   // d weight / d y
+};
+
+// Taps of location (x, y) in [0, 1] on an h x w level whose first key is `start`.
+// align_corners=False: pixel i covers [i, i + 1) / size, so its centre is (i + 0.5) / size.
+// Every index is also bounded by `num_keys`, so that inconsistent level shapes (not
+// validated on the GPU, where that would need a host sync) can never read outside value.
+template <typename acc_t>
+MSDA_HOST_DEVICE BilinearTaps<acc_t> bilinear_taps(acc_t x, acc_t y, int64_t h, int64_t w,
+                                                   int64_t start, int64_t num_keys) {
+  BilinearTaps<acc_t> t;
+  const acc_t xi = x * static_cast<acc_t>(w) - acc_t(0.5);
+  const acc_t yi = y * static_cast<acc_t>(h) - acc_t(0.5);
+  // Written so that NaN fails it too: no corner of such a point is inside the map.
+  const bool near_map = xi > acc_t(-1) && yi > acc_t(-1) && xi < static_cast<acc_t>(w) &&
+                        yi < static_cast<acc_t>(h);
+  if (!near_map) {
+    for (int k = 0; k < 4; ++k) {
+      t.index[k] = -1;
+      t.weight[k] = t.dweight_dx[k] = t.dweight_dy[k] = acc_t(0);
+    }
+    return t;
+  }
+  const int64_t x0 = static_cast<int64_t>(floor(xi));
+  const int64_t y0 = static_cast<int64_t>(floor(yi));
+  const acc_t lx = xi - static_cast<acc_t>(x0), ly = yi - static_cast<acc_t>(y0);
+  const acc_t hx = acc_t(1) - lx, hy = acc_t(1) - ly;
+  const acc_t sx = static_cast<acc_t>(w), sy = static_cast<acc_t>(h);  // d xi / d x, d yi / d y
+
+  // Corner order: (y0, x0), (y0, x0 + 1), (y0 + 1, x0), (y0 + 1, x0 + 1).
+  const acc_t wy[4] = {hy, hy, ly, ly};
+  const acc_t wx[4] = {hx, lx, hx, lx};
+  const acc_t sign_x[4] = {-1, 1, -1, 1};
+  const acc_t sign_y[4] = {-1, -1, 1, 1};
+  for (int k = 0; k < 4; ++k) {
+    const int64_t xx = x0 + (k & 1), yy = y0 + (k >> 1);
+    const int64_t row = start + yy * w + xx;
+    const bool inside = xx >= 0 && xx < w && yy >= 0 && yy < h && row >= 0 && row < num_keys;
+    t.index[k] = inside ? row : -1;
+    t.weight[k] = wy[k] * wx[k];
+    t.dweight_dx[k] = sign_x[k] * wy[k] * sx;
+    t.dweight_dy[k] = sign_y[k] * wx[k] * sy;
+  }
+  return t;
+}
+
+}  // namespace msda

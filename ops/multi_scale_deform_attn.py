@@ -1,0 +1,207 @@
+"""The ``msda::forward`` custom operator and its Python entry point.
+
+The C++ extension (``ops._C``) defines the operator schema and its CPU and CUDA
+kernels. This module adds what torch needs around them: a fake (meta)
+implementation for torch.compile / torch.export, autograd, and autocast rules, and
+the public :func:`multi_scale_deformable_attn` that checks its arguments before
+any kernel sees them.
+"""
+import warnings
+import torch
+from torch import Tensor
+
+from .reference import multi_scale_deformable_attn_reference
+
+try:
+    from . import _C  # noqa: F401  (registers torch.ops.msda.*)
+    EXTENSION_LOADED = True
+except ImportError as _err:  # not built: the pure-PyTorch path still works
+    EXTENSION_LOADED = False
+    warnings.warn(f'ops._C is not built ({_err}); multi_scale_deformable_attn falls back to '
+                  'the pure-PyTorch implementation. Build it with `pip install -e . '
+                  '--no-build-isolation`.')
+
+_FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def has_kernel(device_type: str) -> bool:
+    """Whether the compiled extension has a kernel for ``device_type`` ('cpu', 'cuda')."""
+    if not EXTENSION_LOADED:
+        return False
+    key = {'cpu': 'CPU', 'cuda': 'CUDA'}.get(device_type)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
+        'msda::forward', key)
+
+
+def _check_shapes(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
+                  sampling_locations: Tensor, attention_weights: Tensor) -> None:
+    """Checks ranks, sizes, dtypes and devices: everything knowable without reading data."""
+    args = dict(value=value, spatial_shapes=spatial_shapes,
+                level_start_index=level_start_index,
+                sampling_locations=sampling_locations, attention_weights=attention_weights)
+    for name, t in args.items():
+        if not isinstance(t, Tensor):
+            raise TypeError(f'{name} must be a torch.Tensor, got {type(t).__name__}')
+    ranks = dict(value=4, spatial_shapes=2, level_start_index=1, sampling_locations=6,
+                 attention_weights=5)
+    for name, rank in ranks.items():
+        if args[name].dim() != rank:
+            raise ValueError(f'{name} must have {rank} dimensions, got shape '
+                             f'{tuple(args[name].shape)}')
+    devices = {name: t.device for name, t in args.items()}
+    if len(set(devices.values())) > 1:
+        raise ValueError('all arguments must be on the same device, got ' +
+                         ', '.join(f'{n}: {d}' for n, d in devices.items()))
+    for name in ('spatial_shapes', 'level_start_index'):
+        if args[name].dtype not in (torch.int64, torch.int32):
+            raise TypeError(f'{name} must be an int64 (or int32) tensor, got {args[name].dtype}')
+    for name in ('value', 'sampling_locations', 'attention_weights'):
+        if args[name].dtype not in _FLOAT_DTYPES:
+            raise TypeError(f'{name} must be a floating tensor, got {args[name].dtype}')
+    float_dtypes = {value.dtype, sampling_locations.dtype, attention_weights.dtype}
+    if len(float_dtypes) > 1:
+        raise TypeError('value, sampling_locations and attention_weights must share one dtype '
+                        f'(got {value.dtype}, {sampling_locations.dtype}, '
+                        f'{attention_weights.dtype}); cast them, or run under torch.autocast')
+
+    bs, num_keys, heads, dim = value.shape
+    lbs, nq, lheads, levels, points, two = sampling_locations.shape
+    if spatial_shapes.shape[1] != 2:
+        raise ValueError(f'spatial_shapes must have shape (levels, 2), got '
+                         f'{tuple(spatial_shapes.shape)}')
+    if two != 2:
+        raise ValueError('sampling_locations last dimension must be 2 (x, y), got '
+                         f'{tuple(sampling_locations.shape)}')
+    expected = dict(
+        batch=(bs, lbs, attention_weights.shape[0]),
+        num_queries=(nq, attention_weights.shape[1]),
+        heads=(heads, lheads, attention_weights.shape[2]),
+        levels=(spatial_shapes.shape[0], levels, attention_weights.shape[3],
+                level_start_index.shape[0]),
+        points=(points, attention_weights.shape[4]),
+    )
+    sources = dict(
+        batch='value, sampling_locations, attention_weights',
+        num_queries='sampling_locations, attention_weights',
+        heads='value, sampling_locations, attention_weights',
+        levels='spatial_shapes, sampling_locations, attention_weights, level_start_index',
+        points='sampling_locations, attention_weights',
+    )
+    for what, sizes in expected.items():
+        if len(set(sizes)) > 1:
+            raise ValueError(f'{what} differs between arguments ({sources[what]}): {sizes}')
+    for what, size in dict(batch=bs, num_queries=nq, heads=heads, channels=dim,
+                           levels=levels, points=points, num_keys=num_keys).items():
+        if size == 0:
+            raise ValueError(f'{what} must be positive, got value shape {tuple(value.shape)}, '
+                             f'sampling_locations shape {tuple(sampling_locations.shape)}')
+
+
+def _check_levels(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor) -> None:
+    """Checks that the level layout agrees with itself and with ``value``.
+
+    This reads the two small index tensors. It runs for CPU tensors only: on a GPU it
+    would synchronise the host, so there the kernels instead bound every index by
+    ``num_keys`` and can never read outside ``value``.
+    """
+    shapes = spatial_shapes.tolist()
+    starts = level_start_index.tolist()
+    if any(h <= 0 or w <= 0 for h, w in shapes):
+        raise ValueError(f'spatial_shapes must hold positive (h, w) pairs, got {shapes}')
+    sizes = [h * w for h, w in shapes]
+    expected_starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    if starts != expected_starts:
+        raise ValueError(f'level_start_index {starts} disagrees with spatial_shapes {shapes}: '
+                         f'expected {expected_starts}')
+    if sum(sizes) != value.shape[1]:
+        raise ValueError(f'spatial_shapes {shapes} cover {sum(sizes)} keys but value has '
+                         f'num_keys={value.shape[1]}')
+
+
+def multi_scale_deformable_attn(value: Tensor, spatial_shapes: Tensor,
+                                level_start_index: Tensor, sampling_locations: Tensor,
+                                attention_weights: Tensor) -> Tensor:
+    """Multi-scale deformable attention (Zhu et al., 2021), mmcv's contract.
+
+    Args:
+        value: (bs, num_keys, heads, dim) features of all levels, flattened and
+            concatenated.
+        spatial_shapes: (levels, 2) int64, (h, w) of each level.
+        level_start_index: (levels,) int64, offset of each level in ``num_keys``.
+        sampling_locations: (bs, num_queries, heads, levels, points, 2), (x, y) in
+            [0, 1]; points outside contribute zero (grid_sample's zero padding).
+        attention_weights: (bs, num_queries, heads, levels, points).
+
+    Returns:
+        (bs, num_queries, heads * dim), in ``value``'s dtype.
+
+    Raises:
+        ValueError / TypeError naming the argument, for any inconsistent input.
+    """
+    _check_shapes(value, spatial_shapes, level_start_index, sampling_locations,
+                  attention_weights)
+    spatial_shapes, level_start_index = spatial_shapes.long(), level_start_index.long()
+    if value.device.type == 'cpu' and not torch.compiler.is_compiling():
+        _check_levels(value, spatial_shapes, level_start_index)
+    if has_kernel(value.device.type):
+        return torch.ops.msda.forward(value, spatial_shapes, level_start_index,
+                                      sampling_locations, attention_weights)
+    return multi_scale_deformable_attn_reference(value, spatial_shapes, level_start_index,
+                                                 sampling_locations, attention_weights)
+
+
+def _register() -> None:
+    """Fake kernels, autograd and autocast for the C++-defined ``msda`` operators."""
+
+    @torch.library.register_fake('msda::forward')
+    def _forward_fake(value, spatial_shapes, level_start_index, sampling_locations,
+                      attention_weights):
+        bs, _, heads, dim = value.shape
+        return value.new_empty(bs, sampling_locations.shape[1], heads * dim)
+
+    @torch.library.register_fake('msda::backward')
+    def _backward_fake(grad_output, value, spatial_shapes, level_start_index,
+                       sampling_locations, attention_weights):
+        return (torch.empty_like(value), torch.empty_like(sampling_locations),
+                torch.empty_like(attention_weights))
+
+    def _setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    def _backward(ctx, grad_output):
+        value, shapes, starts, locations, weights = ctx.saved_tensors
+        grad_value, grad_loc, grad_attn = torch.ops.msda.backward(
+            grad_output.contiguous(), value, shapes, starts, locations, weights)
+        return grad_value, None, None, grad_loc, grad_attn
+
+    torch.library.register_autograd('msda::forward', _backward, setup_context=_setup_context)
+    for device_type in ('cpu', 'cuda'):
+        _register_autocast(device_type)
+
+
+def _register_autocast(device_type: str) -> None:
+    """Runs the op in the autocast dtype of the moment (not one fixed at registration).
+
+    torch.library.register_autocast fixes the dtype when it is registered; autocast on
+    CUDA may be float16 or bfloat16, so this rule asks torch each call instead.
+    """
+    key = 'Autocast' + torch._C._dispatch_key_for_device(device_type)
+    dispatch_key = getattr(torch._C.DispatchKey, key)
+    op = torch.ops.msda.forward.default
+
+    def cast_and_call(value, spatial_shapes, level_start_index, sampling_locations,
+                      attention_weights):
+        dtype = torch.get_autocast_dtype(device_type)
+        # Like torch's own autocast casts: float64 stays float64.
+        cast = [t if t.dtype == torch.float64 else t.to(dtype)
+                for t in (value, sampling_locations, attention_weights)]
+        with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(dispatch_key)):
+            return op(cast[0], spatial_shapes, level_start_index, cast[1], cast[2])
+
+    op.py_impl(dispatch_key)(cast_and_call)  # used while tracing (torch.compile)
+    _LIB.impl('forward', lambda _keyset, *args: cast_and_call(*args), key, with_keyset=True)
+
+
+if EXTENSION_LOADED:
+    _LIB = torch.library.Library('msda', 'IMPL')
+    _register()

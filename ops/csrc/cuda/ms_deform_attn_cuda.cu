@@ -1,0 +1,109 @@
+// Torch-facing launchers of the CUDA kernels: dtype dispatch, stream, allocation.
+// Nothing here synchronises with the host.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "../ms_deform_attn_shapes.h"
+#include "ms_deform_attn_kernels.cuh"
+
+namespace msda {
+namespace {
+
+// torch's half types and CUDA's share their bit layout.
+template <typename T>
+struct CudaType {
+  using type = T;
+};
+template <>
+struct CudaType<at::Half> {
+  using type = __half;
+};
+template <>
+struct CudaType<at::BFloat16> {
+  using type = __nv_bfloat16;
+};
+
+template <typename T>
+const typename CudaType<T>::type* cuda_ptr(const at::Tensor& t) {
+  return reinterpret_cast<const typename CudaType<T>::type*>(t.const_data_ptr<T>());
+}
+template <typename T>
+typename CudaType<T>::type* cuda_mut_ptr(at::Tensor& t) {
+  return reinterpret_cast<typename CudaType<T>::type*>(t.mutable_data_ptr<T>());
+}
+
+cuda::KernelSizes kernel_sizes(const Sizes& s) {
+  return {s.bs, s.num_keys, s.heads, s.dim, s.nq, s.levels, s.points};
+}
+
+// 16-byte vector loads need dim to be a multiple of the vector and aligned base pointers.
+bool can_vectorise(int64_t dim, at::ScalarType dtype, std::initializer_list<const at::Tensor*> ts) {
+  const int64_t vec = 16 / c10::elementSize(dtype);
+  if (dim % vec != 0) return false;
+  for (const auto* t : ts) {
+    if (reinterpret_cast<uintptr_t>(t->const_data_ptr()) % 16 != 0) return false;
+  }
+  return true;
+}
+
+void check_launch(cudaError_t err) {
+  TORCH_CHECK(err == cudaSuccess, "msda CUDA kernel launch failed: ", cudaGetErrorString(err));
+}
+
+at::Tensor forward_cuda(const at::Tensor& value_in, const at::Tensor& spatial_shapes_in,
+                        const at::Tensor& level_start_index_in, const at::Tensor& loc_in,
+                        const at::Tensor& attn_in) {
+  const Sizes s = check_sizes(value_in, spatial_shapes_in, level_start_index_in, loc_in, attn_in);
+  const c10::cuda::CUDAGuard guard(value_in.device());
+  const auto value = value_in.contiguous(), loc = loc_in.contiguous(), attn = attn_in.contiguous();
+  const auto shapes = spatial_shapes_in.contiguous(), starts = level_start_index_in.contiguous();
+  auto out = at::empty({s.bs, s.nq, s.heads * s.dim}, value.options());
+  const bool vec = can_vectorise(s.dim, value.scalar_type(), {&value, &out});
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "msda_forward_cuda", [&] {
+    check_launch(cuda::launch_forward(kernel_sizes(s), vec, cuda_ptr<scalar_t>(value),
+                                      shapes.const_data_ptr<int64_t>(),
+                                      starts.const_data_ptr<int64_t>(), cuda_ptr<scalar_t>(loc),
+                                      cuda_ptr<scalar_t>(attn), cuda_mut_ptr<scalar_t>(out), stream));
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
+    const at::Tensor& grad_out_in, const at::Tensor& value_in, const at::Tensor& spatial_shapes_in,
+    const at::Tensor& level_start_index_in, const at::Tensor& loc_in, const at::Tensor& attn_in) {
+  const Sizes s = check_sizes(value_in, spatial_shapes_in, level_start_index_in, loc_in, attn_in);
+  check_grad_output(grad_out_in, s, value_in);
+  const c10::cuda::CUDAGuard guard(value_in.device());
+  const auto grad_out = grad_out_in.contiguous(), value = value_in.contiguous();
+  const auto loc = loc_in.contiguous(), attn = attn_in.contiguous();
+  const auto shapes = spatial_shapes_in.contiguous(), starts = level_start_index_in.contiguous();
+  // Half types accumulate grad_value in float32: their atomics would lose the small terms.
+  const auto acc_type = value.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto grad_value = at::zeros(value.sizes(), value.options().dtype(acc_type));
+  auto grad_loc = at::empty_like(loc);
+  auto grad_attn = at::empty_like(attn);
+  const bool vec = can_vectorise(s.dim, value.scalar_type(), {&value, &grad_out});
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "msda_backward_cuda", [&] {
+    using acc_t = typename cuda::Acc<typename CudaType<scalar_t>::type>::type;
+    check_launch(cuda::launch_backward(
+        kernel_sizes(s), vec, cuda_ptr<scalar_t>(grad_out), cuda_ptr<scalar_t>(value),
+        shapes.const_data_ptr<int64_t>(), starts.const_data_ptr<int64_t>(), cuda_ptr<scalar_t>(loc),
+        cuda_ptr<scalar_t>(attn), grad_value.mutable_data_ptr<acc_t>(), cuda_mut_ptr<scalar_t>(grad_loc),
+        cuda_mut_ptr<scalar_t>(grad_attn), stream));
+  });
+  return {grad_value.to(value.scalar_type()), grad_loc, grad_attn};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(msda, CUDA, m) {
+  m.impl("forward", &forward_cuda);
+  m.impl("backward", &backward_cuda);
+}
+
+}  // namespace msda

@@ -1,0 +1,156 @@
+"""The CPU kernel against mmcv's pure-PyTorch path and our reference."""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from msda_cases import assert_close_relative, forward_backward, make_inputs
+
+from ops import has_kernel, multi_scale_deformable_attn, multi_scale_deformable_attn_reference
+
+mmcv_msda = pytest.importorskip('mmcv.ops.multi_scale_deform_attn')
+
+SHAPES = {
+    'one_level_odd': [(7, 5)],
+    'four_levels': [(16, 16), (8, 8), (4, 4), (2, 2)],
+    'non_square_odd': [(13, 7), (7, 4), (3, 2), (1, 1)],
+}
+NAMES = ('output', 'grad_value', 'grad_sampling_locations', 'grad_attention_weights')
+
+
+def mmcv_reference(value, spatial_shapes, level_start_index, sampling_locations,
+                   attention_weights):
+    return mmcv_msda.multi_scale_deformable_attn_pytorch(value, spatial_shapes,
+                                                         sampling_locations, attention_weights)
+
+
+def test_cpu_kernel_is_built():
+    assert has_kernel('cpu'), 'ops._C was not built with its CPU kernel'
+
+
+@pytest.mark.parametrize('shapes', SHAPES.values(), ids=SHAPES.keys())
+@pytest.mark.parametrize('heads', [1, 8])
+@pytest.mark.parametrize('dim', [4, 32, 33])
+def test_matches_mmcv_float32(shapes, heads, dim):
+    inputs = make_inputs(shapes, bs=2, heads=heads, dim=dim, nq=13, points=4)
+    ours = forward_backward(multi_scale_deformable_attn, inputs)
+    theirs = forward_backward(mmcv_reference, inputs)
+    for name, a, b in zip(NAMES, ours, theirs):
+        assert a.dtype == torch.float32
+        assert_close_relative(a, b, 1e-5, name)
+
+
+def test_matches_reference_float64_and_gradcheck():
+    inputs = make_inputs(SHAPES['non_square_odd'], bs=1, heads=2, dim=3, nq=4, points=2,
+                         dtype=torch.float64)
+    ours = forward_backward(multi_scale_deformable_attn, inputs)
+    ref = forward_backward(multi_scale_deformable_attn_reference, inputs)
+    for name, a, b in zip(NAMES, ours, ref):
+        assert_close_relative(a, b, 1e-12, name)
+
+    def fn(value, loc, weights):
+        return multi_scale_deformable_attn(value, inputs['spatial_shapes'],
+                                           inputs['level_start_index'], loc, weights)
+
+    args = [inputs[k].clone().requires_grad_() for k in
+            ('value', 'sampling_locations', 'attention_weights')]
+    assert torch.autograd.gradcheck(fn, args)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    hw=st.lists(st.tuples(st.integers(1, 9), st.integers(1, 9)), min_size=1, max_size=4),
+    bs=st.integers(1, 3), heads=st.integers(1, 4), dim=st.integers(1, 9),
+    nq=st.integers(1, 7), points=st.integers(1, 5), seed=st.integers(0, 2**16))
+def test_fuzz_shapes_against_reference(hw, bs, heads, dim, nq, points, seed):
+    inputs = make_inputs(hw, bs=bs, heads=heads, dim=dim, nq=nq, points=points,
+                         dtype=torch.float64, outside=0.5, seed=seed)
+    ours = forward_backward(multi_scale_deformable_attn, inputs)
+    ref = forward_backward(multi_scale_deformable_attn_reference, inputs)
+    for name, a, b in zip(NAMES, ours, ref):
+        assert a.shape == b.shape
+        assert_close_relative(a, b, 1e-10, name)
+
+
+def test_locations_outside_contribute_zero():
+    inputs = make_inputs(SHAPES['four_levels'], nq=5)
+    loc = inputs['sampling_locations']
+    # Each pixel covers [i, i + 1) / size, so locations beyond the map's edge by at
+    # least one pixel read nothing: 1.5 and -0.5 are out of every level here.
+    inputs['sampling_locations'] = torch.where(loc > 0.5, torch.full_like(loc, 1.5),
+                                               torch.full_like(loc, -0.5))
+    out, grad_value, grad_loc, grad_weights = forward_backward(multi_scale_deformable_attn,
+                                                               inputs)
+    for t in (out, grad_value, grad_loc, grad_weights):
+        assert torch.count_nonzero(t) == 0
+
+
+def test_non_contiguous_inputs():
+    inputs = make_inputs(SHAPES['non_square_odd'], heads=4, dim=8)
+    expected = multi_scale_deformable_attn(**inputs)
+    strided = dict(inputs)
+    strided['value'] = inputs['value'].transpose(0, 1).contiguous().transpose(0, 1)
+    strided['sampling_locations'] = (
+        inputs['sampling_locations'].permute(5, 0, 1, 2, 3, 4).contiguous().permute(1, 2, 3, 4, 5, 0))
+    strided['attention_weights'] = inputs['attention_weights'].transpose(1, 2).contiguous().transpose(1, 2)
+    assert not any(strided[k].is_contiguous()
+                   for k in ('value', 'sampling_locations', 'attention_weights'))
+    torch.testing.assert_close(multi_scale_deformable_attn(**strided), expected)
+
+
+def test_int32_level_tensors_accepted():
+    inputs = make_inputs(SHAPES['four_levels'], nq=3)
+    expected = multi_scale_deformable_attn(**inputs)
+    inputs['spatial_shapes'] = inputs['spatial_shapes'].int()
+    inputs['level_start_index'] = inputs['level_start_index'].int()
+    torch.testing.assert_close(multi_scale_deformable_attn(**inputs), expected)
+
+
+def test_bfloat16_accumulates_in_float32():
+    inputs = make_inputs(SHAPES['four_levels'], nq=9)
+    bf16 = {k: v.bfloat16() if v.is_floating_point() else v for k, v in inputs.items()}
+    # The float32 result on the bfloat16-rounded inputs isolates the kernel's own error.
+    exact = forward_backward(multi_scale_deformable_attn,
+                             {k: v.float() if v.is_floating_point() else v
+                              for k, v in bf16.items()})
+    ours = forward_backward(multi_scale_deformable_attn, bf16)
+    for name, a, b in zip(NAMES, ours, exact):
+        assert a.dtype == torch.bfloat16
+        # One bfloat16 rounding of the result (2^-8 relative) plus that of grad_output.
+        assert_close_relative(a, b, 2e-2, name)
+
+
+def test_autocast_cpu_runs_in_bfloat16():
+    inputs = make_inputs(SHAPES['four_levels'], nq=9)
+    # What a layer hands the op under autocast: bfloat16 value and locations from the
+    # linear projections, float32 softmax weights.
+    mixed = dict(inputs, value=inputs['value'].bfloat16(),
+                 sampling_locations=inputs['sampling_locations'].bfloat16())
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out, grad_value, grad_loc, grad_weights = forward_backward(
+            multi_scale_deformable_attn, mixed)
+    assert out.dtype == torch.bfloat16
+    assert grad_weights.dtype == torch.float32  # autograd casts back to the input's dtype
+    expected = multi_scale_deformable_attn(**inputs)
+    assert_close_relative(out, expected, 2e-2, 'output')
+    with pytest.raises(TypeError, match='share one dtype'):
+        multi_scale_deformable_attn(**mixed)  # outside autocast, mixing is an error
+
+
+@pytest.mark.parametrize('backend', ['aot_eager', 'inductor'])
+def test_torch_compile_fullgraph(backend):
+    inputs = make_inputs(SHAPES['non_square_odd'], heads=2, dim=8, nq=5)
+    torch._dynamo.reset()
+    compiled = torch.compile(multi_scale_deformable_attn, fullgraph=True, backend=backend)
+    ours = forward_backward(compiled, inputs)
+    eager = forward_backward(multi_scale_deformable_attn, inputs)
+    for name, a, b in zip(NAMES, ours, eager):
+        assert_close_relative(a, b, 1e-6, name)
+
+
+def test_fake_tensor_shapes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    inputs = make_inputs(SHAPES['four_levels'], bs=3, heads=4, dim=16, nq=7)
+    with FakeTensorMode() as mode:
+        fake = {k: mode.from_tensor(v) for k, v in inputs.items()}
+        out = torch.ops.msda.forward(**fake)
+    assert out.shape == (3, 7, 64)

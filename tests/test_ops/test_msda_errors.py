@@ -1,0 +1,80 @@
+"""Bad arguments get a ValueError or TypeError that names what is wrong."""
+import pytest
+import torch
+from msda_cases import make_inputs
+
+from ops import multi_scale_deformable_attn
+
+SHAPES = [(6, 5), (3, 3), (2, 1)]
+
+
+def call(**changes):
+    inputs = make_inputs(SHAPES, bs=2, heads=4, dim=8, nq=5, points=3)
+    inputs.update({k: v(inputs) if callable(v) else v for k, v in changes.items()})
+    return multi_scale_deformable_attn(**inputs)
+
+
+CASES = {
+    'batch': (ValueError, r'batch differs.*\(2, 3, 2\)',
+              dict(sampling_locations=lambda i: torch.cat([i['sampling_locations']] * 2)[:3])),
+    'heads': (ValueError, r'heads differs.*\(4, 4, 2\)',
+              dict(attention_weights=lambda i: i['attention_weights'][:, :, :2])),
+    'points': (ValueError, r'points differs.*\(3, 2\)',
+               dict(attention_weights=lambda i: i['attention_weights'][..., :2])),
+    'levels': (ValueError, r'levels differs.*\(2, 3, 3, 3\)',
+               dict(spatial_shapes=lambda i: i['spatial_shapes'][:2])),
+    'queries': (ValueError, r'num_queries differs.*\(5, 4\)',
+                dict(attention_weights=lambda i: i['attention_weights'][:, :4])),
+    'rank': (ValueError, r'value must have 4 dimensions, got shape \(2, 41, 32\)',
+             dict(value=lambda i: i['value'].flatten(2))),
+    'xy': (ValueError, r'sampling_locations last dimension must be 2',
+           dict(sampling_locations=lambda i: i['sampling_locations'][..., :1])),
+    'shapes_vs_keys': (ValueError, r'cover 42 keys but value has num_keys=41',
+                       dict(spatial_shapes=torch.tensor([[6, 5], [3, 3], [3, 1]]),
+                            level_start_index=torch.tensor([0, 30, 39]))),
+    'start_index': (ValueError, r'level_start_index \[0, 30, 40\] disagrees.*\[0, 30, 39\]',
+                    dict(level_start_index=torch.tensor([0, 30, 40]))),
+    'non_positive_shape': (ValueError, r'positive',
+                           dict(spatial_shapes=torch.tensor([[6, 5], [0, 3], [2, 1]]))),
+    'integer_value': (TypeError, r'value must be a floating tensor, got torch.int64',
+                      dict(value=lambda i: i['value'].long())),
+    'float_shapes': (TypeError, r'spatial_shapes must be an int64',
+                     dict(spatial_shapes=lambda i: i['spatial_shapes'].float())),
+    'mixed_floats': (TypeError, r'share one dtype.*torch.float64',
+                     dict(attention_weights=lambda i: i['attention_weights'].double())),
+    'not_a_tensor': (TypeError, r'attention_weights must be a torch.Tensor, got list',
+                     dict(attention_weights=[1.0])),
+    'device': (ValueError, r'same device.*meta',
+               dict(attention_weights=lambda i: i['attention_weights'].to('meta'))),
+    'empty_batch': (ValueError, r'batch must be positive',
+                    dict(value=lambda i: i['value'][:0],
+                         sampling_locations=lambda i: i['sampling_locations'][:0],
+                         attention_weights=lambda i: i['attention_weights'][:0])),
+    'empty_queries': (ValueError, r'num_queries must be positive',
+                      dict(sampling_locations=lambda i: i['sampling_locations'][:, :0],
+                           attention_weights=lambda i: i['attention_weights'][:, :0])),
+}
+
+
+@pytest.mark.parametrize('case', CASES.values(), ids=CASES.keys())
+def test_bad_input_is_named(case):
+    error, message, changes = case
+    with pytest.raises(error, match=message):
+        call(**changes)
+
+
+def test_kernel_guards_direct_calls():
+    """torch.ops.msda.* bypasses the Python checks: the kernel's own checks still hold."""
+    inputs = make_inputs(SHAPES, heads=4, dim=8, nq=5, points=3)
+    bad = dict(inputs, attention_weights=inputs['attention_weights'][:, :, :2])
+    with pytest.raises(ValueError, match='attention_weights'):
+        torch.ops.msda.forward(*bad.values())
+
+
+def test_kernel_never_reads_outside_value():
+    """Level shapes larger than value (unchecked on GPUs) only drop the keys past the end."""
+    inputs = make_inputs(SHAPES, heads=4, dim=8, nq=5, points=3)
+    shapes = torch.tensor([[6, 5], [3, 3], [50, 50]])
+    out = torch.ops.msda.forward(inputs['value'], shapes, inputs['level_start_index'],
+                                 inputs['sampling_locations'], inputs['attention_weights'])
+    assert torch.isfinite(out).all()

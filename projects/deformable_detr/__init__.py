@@ -1,0 +1,15 @@
+"""Deformable DETR for MMDetection: importing this registers the ``ddetr`` modules."""
+from .criterion import SetCriterion
+from .deformable_detr import DeformableDETR
+from .deformable_detr_head import DeformableDETRHead
+from .dilated_resnet import DilatedResNet
+from .hungarian_assigner import HungarianAssigner
+from .msdeform_attn import MultiScaleDeformableAttention
+from .registry import MODELS, TASK_UTILS
+from .transformer import DeformableDecoder, DeformableEncoder
+
+__all__ = [
+    'DeformableDETR', 'DeformableDETRHead', 'HungarianAssigner', 'SetCriterion',
+    'MultiScaleDeformableAttention', 'DilatedResNet', 'DeformableEncoder', 'DeformableDecoder',
+    'MODELS', 'TASK_UTILS'
+]

@@ -1,0 +1,125 @@
+"""Set criterion: Hungarian matching, then focal + L1 + GIoU on the matches."""
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from mmdet.structures.bbox import bbox_cxcywh_to_xyxy, bbox_xyxy_to_cxcywh
+from mmengine.dist import all_reduce
+from mmengine.structures import InstanceData
+from torch import Tensor, nn
+
+from .registry import MODELS, TASK_UTILS
+
+
+@MODELS.register_module()
+class SetCriterion(nn.Module):
+    """DETR's set loss with auxiliary (every decoder layer) and encoder losses.
+
+    Every loss is normalised by the number of ground-truth boxes, averaged over
+    all processes under DDP, so that each box weighs the same whatever the
+    distribution of boxes across GPUs.
+
+    Args:
+        num_classes: Object classes (no background class: sigmoid focal).
+        assigner: Config of the matcher (:class:`HungarianAssigner`).
+        loss_cls: Config of the classification loss (mmdet's ``FocalLoss``).
+        loss_bbox: Config of the box regression loss (mmdet's ``L1Loss``).
+        loss_iou: Config of the IoU loss (mmdet's ``GIoULoss``).
+    """
+
+    def __init__(self, num_classes: int, assigner: dict = dict(type='HungarianAssigner'),
+                 loss_cls: dict = dict(type='FocalLoss', use_sigmoid=True, gamma=2.0,
+                                       alpha=0.25, loss_weight=2.0),
+                 loss_bbox: dict = dict(type='L1Loss', loss_weight=5.0),
+                 loss_iou: dict = dict(type='GIoULoss', loss_weight=2.0)) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.assigner = TASK_UTILS.build(assigner)
+        self.loss_cls = MODELS.build(loss_cls)
+        self.loss_bbox = MODELS.build(loss_bbox)
+        self.loss_iou = MODELS.build(loss_iou)
+
+    @staticmethod
+    def num_boxes(batch_gt_instances: Sequence[InstanceData], device: torch.device) -> float:
+        """Ground-truth boxes per process, averaged over processes, at least 1."""
+        num = torch.tensor(float(sum(len(gt) for gt in batch_gt_instances)), device=device)
+        all_reduce(num, op='mean')  # a no-op outside distributed training
+        return max(num.item(), 1.0)
+
+    def loss_single(self, cls_logits: Tensor, boxes: Tensor,
+                    batch_gt_instances: Sequence[InstanceData],
+                    img_sizes: Sequence[Tuple[int, int]], num_boxes: float
+                    ) -> Tuple[Tensor, Tensor, Tensor]:
+        """Losses of one set of predictions.
+
+        Args:
+            cls_logits: (bs, nq, num_classes) logits.
+            boxes: (bs, nq, 4) normalised (cx, cy, w, h).
+            batch_gt_instances: per image ``labels`` and ``bboxes`` (pixel xyxy).
+            img_sizes: per image (h, w), the frame boxes are normalised to.
+            num_boxes: normaliser.
+
+        Returns:
+            Classification, L1 and IoU losses.
+        """
+        bs, nq, _ = cls_logits.shape
+        labels = cls_logits.new_full((bs, nq), self.num_classes, dtype=torch.long)
+        pred_idx: List[Tensor] = []
+        matched_targets: List[Tensor] = []
+        factors: List[Tensor] = []
+        for i, (gt, (h, w)) in enumerate(zip(batch_gt_instances, img_sizes)):
+            factor = boxes.new_tensor([w, h, w, h])
+            gt_boxes = bbox_xyxy_to_cxcywh(gt.bboxes / factor)
+            query_idx, gt_idx = self.assigner.assign(cls_logits[i].detach(),
+                                                     boxes[i].detach(), gt.labels, gt_boxes,
+                                                     (h, w))
+            labels[i, query_idx] = gt.labels[gt_idx]
+            pred_idx.append(query_idx + i * nq)
+            matched_targets.append(gt_boxes[gt_idx])
+            factors.append(factor.expand(len(gt_idx), 4))
+        # Unmatched queries are trained towards "no object" (label num_classes).
+        loss_cls = self.loss_cls(cls_logits.reshape(bs * nq, -1), labels.flatten(),
+                                 avg_factor=num_boxes)
+        pred = boxes.reshape(bs * nq, 4)[torch.cat(pred_idx)]
+        target = torch.cat(matched_targets)
+        factor = torch.cat(factors)
+        loss_bbox = self.loss_bbox(pred, target, avg_factor=num_boxes)
+        # IoU in pixels, as mmdet computes it (GIoU is scale-free up to its eps).
+        loss_iou = self.loss_iou(bbox_cxcywh_to_xyxy(pred) * factor,
+                                 bbox_cxcywh_to_xyxy(target) * factor, avg_factor=num_boxes)
+        return loss_cls, loss_bbox, loss_iou
+
+    def forward(self, all_cls_logits: Tensor, all_boxes: Tensor,
+                batch_gt_instances: Sequence[InstanceData], batch_img_metas: Sequence[dict],
+                enc_cls_logits: Optional[Tensor] = None,
+                enc_boxes: Optional[Tensor] = None) -> Dict[str, Tensor]:
+        """All losses, named as mmdet names them.
+
+        Args:
+            all_cls_logits: (num_layers, bs, nq, num_classes) of every decoder layer.
+            all_boxes: (num_layers, bs, nq, 4) normalised (cx, cy, w, h).
+            batch_gt_instances: per image ``labels`` and ``bboxes`` (pixel xyxy).
+            batch_img_metas: per image meta, with ``img_shape``.
+            enc_cls_logits, enc_boxes: two-stage encoder proposals (bs, N, ...).
+
+        Returns:
+            ``loss_cls/loss_bbox/loss_iou`` of the last layer, ``d{i}.loss_*`` of
+            the others, and ``enc_loss_*`` for the encoder proposals.
+        """
+        img_sizes = [tuple(meta['img_shape'][:2]) for meta in batch_img_metas]
+        num_boxes = self.num_boxes(batch_gt_instances, all_cls_logits.device)
+        per_layer = [self.loss_single(cls, boxes, batch_gt_instances, img_sizes, num_boxes)
+                     for cls, boxes in zip(all_cls_logits, all_boxes)]
+        # mmdet's order (last layer first): summed totals then add up in the same order.
+        *aux, last = per_layer
+        losses = dict(zip(('loss_cls', 'loss_bbox', 'loss_iou'), last))
+        for i, layer_losses in enumerate(aux):
+            losses.update(zip((f'd{i}.loss_cls', f'd{i}.loss_bbox', f'd{i}.loss_iou'),
+                              layer_losses))
+        if enc_cls_logits is not None:
+            # Encoder proposals are class-agnostic: every object is class 0.
+            agnostic = [InstanceData(bboxes=gt.bboxes, labels=torch.zeros_like(gt.labels))
+                        for gt in batch_gt_instances]
+            cls, bbox, iou = self.loss_single(enc_cls_logits, enc_boxes, agnostic, img_sizes,
+                                              num_boxes)
+            losses.update(enc_loss_cls=cls, enc_loss_bbox=bbox, enc_loss_iou=iou)
+        return losses

@@ -1,0 +1,141 @@
+"""Deformable DETR head: per-decoder-layer class and box branches."""
+import copy
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from mmdet.models.layers.transformer import inverse_sigmoid
+from mmdet.structures import SampleList
+from mmdet.structures.bbox import bbox_cxcywh_to_xyxy
+from mmengine.model import bias_init_with_prob
+from mmengine.structures import InstanceData
+from torch import Tensor, nn
+
+from .criterion import SetCriterion
+from .registry import MODELS
+
+
+@MODELS.register_module()
+class DeformableDETRHead(nn.Module):
+    """Class logits (sigmoid focal, no background class) and boxes per layer.
+
+    Boxes are predicted as offsets, in inverse-sigmoid space, from each layer's
+    reference (point or box). Parameter names follow mmdet's head.
+
+    Args:
+        num_classes: Object classes.
+        embed_dims: Channels of the decoder output.
+        num_reg_fcs: Hidden layers of the box branch.
+        num_pred_layer: Branches: decoder layers (+1 for two-stage proposals).
+        share_pred_layer: One branch for all layers (no box refinement).
+        as_two_stage: The detector is two-stage (affects the box-branch init).
+        sync_cls_avg_factor: Kept for mmdet config compatibility; the loss is
+            always normalised by the box count averaged over processes.
+        loss_cls, loss_bbox, loss_iou: Loss configs (mmdet's losses).
+        train_cfg: Dict with ``assigner``, the matcher's config.
+        test_cfg: Dict with ``max_per_img``, detections kept per image.
+    """
+
+    def __init__(self, num_classes: int, embed_dims: int = 256, num_reg_fcs: int = 2,
+                 num_pred_layer: int = 6, share_pred_layer: bool = False,
+                 as_two_stage: bool = False, sync_cls_avg_factor: bool = True,
+                 loss_cls: dict = dict(type='FocalLoss', use_sigmoid=True, gamma=2.0,
+                                       alpha=0.25, loss_weight=2.0),
+                 loss_bbox: dict = dict(type='L1Loss', loss_weight=5.0),
+                 loss_iou: dict = dict(type='GIoULoss', loss_weight=2.0),
+                 train_cfg: Optional[dict] = None,
+                 test_cfg: Optional[dict] = None) -> None:
+        super().__init__()
+        if not loss_cls.get('use_sigmoid', True):
+            raise ValueError('Deformable DETR classifies with a sigmoid (focal loss); '
+                             'loss_cls.use_sigmoid=False is not supported')
+        self.num_classes, self.embed_dims = num_classes, embed_dims
+        self.as_two_stage = as_two_stage
+        self.test_cfg = {'max_per_img': 100, **(test_cfg or {})}
+        assigner = (train_cfg or {}).get('assigner', dict(type='HungarianAssigner'))
+        self.criterion = SetCriterion(num_classes, assigner, loss_cls, loss_bbox, loss_iou)
+
+        fc_cls = nn.Linear(embed_dims, num_classes)
+        reg = []
+        for _ in range(num_reg_fcs):
+            reg += [nn.Linear(embed_dims, embed_dims), nn.ReLU()]
+        reg_branch = nn.Sequential(*reg, nn.Linear(embed_dims, 4))
+        # Shared: the same module repeated (its keys appear once per layer in
+        # the state dict, as in mmdet and the official code).
+        make = (lambda m: m) if share_pred_layer else copy.deepcopy
+        self.cls_branches = nn.ModuleList([make(fc_cls) for _ in range(num_pred_layer)])
+        self.reg_branches = nn.ModuleList([make(reg_branch) for _ in range(num_pred_layer)])
+
+    def init_weights(self) -> None:
+        """Prior 0.01 on every class; boxes start at their references."""
+        for m in self.cls_branches:
+            nn.init.constant_(m.bias, bias_init_with_prob(0.01))
+        for m in self.reg_branches:
+            nn.init.zeros_(m[-1].weight)
+            nn.init.zeros_(m[-1].bias)
+        # Points as references: the first layer starts with small boxes
+        # (sigmoid(-2) ~ 0.12); box references already carry a size.
+        if not self.as_two_stage:
+            nn.init.constant_(self.reg_branches[0][-1].bias[2:], -2.0)
+
+    def forward(self, hidden_states: Tensor, references: List[Tensor]
+                ) -> Tuple[Tensor, Tensor]:
+        """Class logits and boxes of every layer.
+
+        Args:
+            hidden_states: (num_layers, bs, nq, C).
+            references: per layer (bs, nq, 2) points or (bs, nq, 4) boxes in
+                [0, 1] (the decoder's list; extra entries are ignored).
+
+        Returns:
+            logits (num_layers, bs, nq, num_classes) and boxes
+            (num_layers, bs, nq, 4), normalised (cx, cy, w, h).
+        """
+        outs = [self.forward_layer(i, hidden, references[i])
+                for i, hidden in enumerate(hidden_states)]
+        return torch.stack([c for c, _ in outs]), torch.stack([b for _, b in outs])
+
+    def forward_layer(self, i: int, hidden: Tensor, reference: Tensor
+                      ) -> Tuple[Tensor, Tensor]:
+        """Logits and normalised (cx, cy, w, h) boxes of decoder layer ``i``."""
+        delta = self.reg_branches[i](hidden)
+        reference = inverse_sigmoid(reference)
+        if reference.shape[-1] == 4:
+            boxes = delta + reference
+        else:  # a point: the branch predicts the box size from scratch
+            boxes = torch.cat([delta[..., :2] + reference, delta[..., 2:]], -1)
+        return self.cls_branches[i](hidden), boxes.sigmoid()
+
+    def loss(self, hidden_states: Tensor, references: List[Tensor],
+             enc_outputs_class: Optional[Tensor], enc_outputs_coord: Optional[Tensor],
+             batch_data_samples: SampleList) -> Dict[str, Tensor]:
+        """Set losses of every layer (and of the encoder proposals)."""
+        all_cls, all_boxes = self(hidden_states, references)
+        return self.criterion(all_cls, all_boxes,
+                              [s.gt_instances for s in batch_data_samples],
+                              [s.metainfo for s in batch_data_samples],
+                              enc_outputs_class, enc_outputs_coord)
+
+    def predict(self, hidden_states: Tensor, references: List[Tensor],
+                batch_data_samples: SampleList, rescale: bool = True) -> List[InstanceData]:
+        """Detections of the last layer: top-k over (query, class) pairs."""
+        last = len(hidden_states) - 1  # only the last layer's output is needed
+        cls, boxes = self.forward_layer(last, hidden_states[last], references[last])
+        return [self.predict_single(c, b, s.metainfo, rescale)
+                for c, b, s in zip(cls, boxes, batch_data_samples)]
+
+    def predict_single(self, cls_logits: Tensor, boxes: Tensor, img_meta: dict,
+                       rescale: bool = True) -> InstanceData:
+        """Top ``max_per_img`` scores of one image, boxes in pixels (x1, y1, x2, y2).
+
+        A query may appear with several classes: scores are independent sigmoids.
+        """
+        k = min(self.test_cfg['max_per_img'], cls_logits.numel())
+        scores, index = cls_logits.sigmoid().flatten().topk(k)
+        labels = index % self.num_classes
+        bboxes = bbox_cxcywh_to_xyxy(boxes[index // self.num_classes])
+        h, w = img_meta['img_shape'][:2]
+        bboxes[:, 0::2] = (bboxes[:, 0::2] * w).clamp(min=0, max=w)
+        bboxes[:, 1::2] = (bboxes[:, 1::2] * h).clamp(min=0, max=h)
+        if rescale:  # back to the original image
+            bboxes /= bboxes.new_tensor(img_meta['scale_factor']).repeat(2)
+        return InstanceData(bboxes=bboxes, scores=scores, labels=labels)

@@ -24,13 +24,20 @@ except ImportError as _err:  # not built: the pure-PyTorch path still works
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
+def _kernel_devices() -> frozenset:
+    if not EXTENSION_LOADED:
+        return frozenset()
+    return frozenset(device for device, key in (('cpu', 'CPU'), ('cuda', 'CUDA'))
+                     if torch._C._dispatch_has_kernel_for_dispatch_key('msda::forward', key))
+
+
+# Read once: a constant to torch.compile, where a dispatcher query would break the graph.
+_KERNEL_DEVICES = _kernel_devices()
+
+
 def has_kernel(device_type: str) -> bool:
     """Whether the compiled extension has a kernel for ``device_type`` ('cpu', 'cuda')."""
-    if not EXTENSION_LOADED:
-        return False
-    key = {'cpu': 'CPU', 'cuda': 'CUDA'}.get(device_type)
-    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
-        'msda::forward', key)
+    return device_type in _KERNEL_DEVICES
 
 
 def _check_shapes(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
@@ -59,7 +66,8 @@ def _check_shapes(value: Tensor, spatial_shapes: Tensor, level_start_index: Tens
         if args[name].dtype not in _FLOAT_DTYPES:
             raise TypeError(f'{name} must be a floating tensor, got {args[name].dtype}')
     float_dtypes = {value.dtype, sampling_locations.dtype, attention_weights.dtype}
-    if len(float_dtypes) > 1:
+    # Under autocast the op's autocast rule casts them; outside it, mixing is a mistake.
+    if len(float_dtypes) > 1 and not torch.is_autocast_enabled(value.device.type):
         raise TypeError('value, sampling_locations and attention_weights must share one dtype '
                         f'(got {value.dtype}, {sampling_locations.dtype}, '
                         f'{attention_weights.dtype}); cast them, or run under torch.autocast')

@@ -130,8 +130,10 @@ def test_autocast_cpu_runs_in_bfloat16():
             multi_scale_deformable_attn, mixed)
     assert out.dtype == torch.bfloat16
     assert grad_weights.dtype == torch.float32  # autograd casts back to the input's dtype
-    expected = multi_scale_deformable_attn(**inputs)
-    assert_close_relative(out, expected, 2e-2, 'output')
+    # Autocast rounds the weights to bfloat16 too; the float32 result on inputs rounded
+    # the same way isolates the kernel's own error.
+    rounded = {k: v.bfloat16().float() if v.is_floating_point() else v for k, v in inputs.items()}
+    assert_close_relative(out, multi_scale_deformable_attn(**rounded), 1e-2, 'output')
     with pytest.raises(TypeError, match='share one dtype'):
         multi_scale_deformable_attn(**mixed)  # outside autocast, mixing is an error
 

@@ -1,0 +1,96 @@
+"""Load MMEngine checkpoints under torch>=2.6's ``weights_only=True`` default.
+
+Since torch 2.6, ``torch.load`` unpickles only tensors, containers, primitives and the
+globals allow-listed with ``torch.serialization.add_safe_globals``. A checkpoint that
+MMEngine 0.10's Runner saves holds a few more (found by saving one through the Runner
+and listing ``torch.serialization.get_unsafe_globals_in_checkpoint``):
+
+- ``message_hub.log_scalars``: ``mmengine.logging.HistoryBuffer`` objects, whose state
+  holds numpy arrays (``numpy.ndarray``, ``numpy.dtype`` and its numeric classes such
+  as ``numpy.dtypes.Float64DType``, ``_reconstruct``) and its statistics methods,
+  pickled as ``getattr(HistoryBuffer, 'mean')``;
+- ``message_hub.runtime_info``: numpy scalars (``eta``, ``best_score``...).
+
+:func:`allow_mmengine_checkpoints` allow-lists exactly these; ``builtins.getattr`` is
+bound to a function that resolves methods of ``HistoryBuffer`` and nothing else. The
+``weights_only`` safety stays on: a checkpoint holding any other object is refused with
+an ``UnpicklingError`` that names the objects and says what to do. The module calls it
+on import, so importing ``projects.deformable_detr`` is enough; calling it again is
+harmless.
+"""
+import os.path as osp
+import pickle
+from typing import Any, Callable, List, Tuple, Union
+
+import numpy as np
+import torch
+from mmengine.logging import HistoryBuffer
+from mmengine.runner.checkpoint import CheckpointLoader
+
+_reconstruct = np.ndarray.__reduce__(np.zeros(0))[0]  # numpy(._core).multiarray._reconstruct
+_scalar = np.float64(0).__reduce__()[0]  # numpy(._core).multiarray.scalar
+_STATISTICS = ('min', 'max', 'current', 'mean')  # HistoryBuffer's built-in statistics
+# Unpickling ``np.dtype('f8')`` builds an instance of numpy.dtypes.Float64DType: allow the
+# numeric (plain data) dtypes; object, string and structured dtypes stay refused.
+_NUMERIC_DTYPES = ('bool', 'int8', 'int16', 'int32', 'int64', 'uint8', 'uint16', 'uint32',
+                   'uint64', 'float16', 'float32', 'float64')
+
+
+def _history_buffer_attr(owner: Any, name: str) -> Callable:
+    """Stands in for ``builtins.getattr`` while unpickling: HistoryBuffer methods only."""
+    known = name in _STATISTICS or name in HistoryBuffer._statistics_methods
+    allowed = owner is HistoryBuffer and known
+    attr = getattr(HistoryBuffer, name, None) if allowed else None
+    if not callable(attr):
+        raise pickle.UnpicklingError(
+            f'refused getattr({owner!r}, {name!r}): the allow-list of MMEngine checkpoints '
+            'permits getattr only for the statistics methods of HistoryBuffer')
+    return attr
+
+
+def safe_globals() -> List[Union[Callable, Tuple[Callable, str]]]:
+    """The globals an MMEngine checkpoint holds besides what torch allows by default."""
+    entries: List[Union[Callable, Tuple[Callable, str]]] = [
+        HistoryBuffer, np.ndarray, np.dtype, (_history_buffer_attr, 'builtins.getattr')]
+    entries += [type(np.dtype(name)) for name in _NUMERIC_DTYPES]
+    # numpy 2 pickles as numpy._core.multiarray, numpy 1 as numpy.core.multiarray.
+    for module in ('numpy._core.multiarray', 'numpy.core.multiarray'):
+        entries += [(_reconstruct, f'{module}._reconstruct'), (_scalar, f'{module}.scalar')]
+    return entries
+
+
+def load_local_checkpoint(filename: str, map_location: Any = None) -> Any:
+    """MMEngine's local-file loader, with a refusal that says what to do."""
+    filename = osp.expanduser(filename)
+    if not osp.isfile(filename):
+        raise FileNotFoundError(f'{filename} can not be found.')
+    try:
+        return torch.load(filename, map_location=map_location)
+    except pickle.UnpicklingError as err:
+        try:
+            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(filename)
+        except Exception:  # not a zip checkpoint: leave it to torch's message
+            unsafe = []
+        listed = f' It holds {", ".join(sorted(unsafe))}.' if unsafe else ''
+        raise pickle.UnpicklingError(
+            f'Refused to load {filename}: it holds objects that are neither tensors nor '
+            'the types of MMEngine checkpoints (allow-listed by '
+            f'projects.deformable_detr.safe_checkpoint), and unpickling them could run '
+            f'code.{listed} Inspect it with torch.serialization.'
+            'get_unsafe_globals_in_checkpoint(path). If you trust its source, allow those '
+            'types with torch.serialization.add_safe_globals([...]) before loading, or '
+            'save its weights alone: torch.save(ckpt["state_dict"], path).\n'
+            f'torch says: {err}') from err
+
+
+def allow_mmengine_checkpoints() -> None:
+    """Allow-lists the types of MMEngine checkpoints and installs the local loader.
+
+    Idempotent: torch keeps the allow-list in a set, and the loader replaces
+    MMEngine's ``''`` (local path) scheme by the same function each time.
+    """
+    torch.serialization.add_safe_globals(safe_globals())
+    CheckpointLoader.register_scheme(prefixes='', loader=load_local_checkpoint, force=True)
+
+
+allow_mmengine_checkpoints()

@@ -1,4 +1,10 @@
-"""Deformable DETR for MMDetection: importing this registers the ``ddetr`` modules."""
+"""Deformable DETR for MMDetection: importing this registers the ``ddetr`` modules.
+
+It also allow-lists the types of MMEngine checkpoints for torch's weights-only loading
+(:mod:`.safe_checkpoint`), so that configs' ``custom_imports`` suffice for
+``init_detector`` / ``load_from`` on checkpoints our Runner saved.
+"""
+from . import safe_checkpoint  # noqa: F401
 from .criterion import SetCriterion
 from .deformable_detr import DeformableDETR
 from .deformable_detr_head import DeformableDETRHead

@@ -1,0 +1,42 @@
+"""tools/dist_train.sh: 2 CPU processes (gloo) x batch 1 train as 1 process x batch 2."""
+import os.path as osp
+import socket
+import sys
+
+import numpy as np
+
+sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
+from test_train_test import read_records, reference_run, run_tool, tiny_setup  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def test_dist_train_matches_single_process(tmp_path):
+    setup = tiny_setup()
+    work_dir = str(tmp_path / 'dist')
+    run_tool(['bash', 'tools/dist_train.sh', setup['config'], '2', '--work-dir', work_dir,
+              '--cfg-options', 'train_dataloader.batch_size=1', 'train_cfg.max_iters=4',
+              'env_cfg.dist_cfg.backend=gloo', 'train_cfg.val_interval=100'],
+             env=dict(PORT=str(free_port())))
+    ranks = [read_records(work_dir, rank) for rank in (0, 1)]
+    single = read_records(reference_run())  # 1 process x batch 2, same seed
+    for it in range(1, 5):
+        ids = [ranks[r][it]['img_ids'] for r in (0, 1)]
+        assert all(len(i) == 1 for i in ids)
+        # the two processes see different images, together the single process's batch
+        assert ids[0] != ids[1]
+        assert sorted(ids[0] + ids[1]) == sorted(single[it]['img_ids'])
+        # DETR normalises its losses by the number of boxes over all processes, and DDP
+        # averages the gradients: the mean of the ranks' losses is the single loss,
+        # iteration after iteration (so the weights evolve alike too).
+        for key in ('loss', 'loss_cls', 'loss_bbox', 'loss_iou'):
+            mean = (ranks[0][it][key] + ranks[1][it][key]) / 2
+            np.testing.assert_allclose(mean, single[it][key], rtol=1e-4, err_msg=key)
+        np.testing.assert_allclose(ranks[0][it]['grad_norm'], single[it]['grad_norm'],
+                                   rtol=1e-4)
+        assert ranks[0][it]['grad_norm'] == ranks[1][it]['grad_norm']
+    assert osp.isfile(osp.join(work_dir, 'iter_4.pth'))

@@ -1,0 +1,152 @@
+"""FLOPs and parameters of a detector, the deformable attention op included.
+
+    python tools/analysis_tools/get_flops.py CONFIG [--shape 800 1333] [--num-images 100]
+
+Counts with MMEngine's ``FlopAnalyzer`` (the analyzer behind
+``mmengine.analysis.get_model_complexity_info``; fvcore's convention: one
+multiply-add is one FLOP). Tracing sees our op as one node, ``msda::forward``, that
+no default handle knows; :func:`msda_flop_jit` counts it (and :func:`sdpa_flop_jit`
+the decoder's fused self-attention). Without ``--shape`` the
+count is averaged over the first ``--num-images`` images of the test set after its
+pipeline, as the DETR papers report it; with ``--shape H W`` it is for one H x W input.
+"""
+import argparse
+import os.path as osp
+import sys
+from functools import partial
+from typing import Any, List
+
+ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from mmengine.analysis import FlopAnalyzer, parameter_count  # noqa: E402
+from mmengine.analysis.jit_handles import get_shape  # noqa: E402
+from mmengine.analysis.print_helper import _format_size, complexity_stats_table  # noqa: E402
+from mmengine.config import Config, DictAction  # noqa: E402
+from mmengine.logging import MMLogger  # noqa: E402
+from mmengine.registry import init_default_scope  # noqa: E402
+from mmengine.runner import Runner, load_checkpoint  # noqa: E402
+from mmengine.utils import ProgressBar  # noqa: E402
+
+import projects.deformable_detr.safe_checkpoint  # noqa: E402,F401
+
+
+def msda_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
+    """FLOPs of ``msda::forward(value, shapes, starts, locations, weights)``.
+
+    Every sampled point reads ``dim`` channels at 4 bilinear corners and scales the
+    result by its attention weight: 5 multiply-adds per channel and point.
+    """
+    bs, _, heads, dim = get_shape(inputs[0])
+    _, num_queries, _, levels, points, _ = get_shape(inputs[3])
+    return bs * num_queries * heads * levels * points * dim * 5
+
+
+def sdpa_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
+    """FLOPs of ``aten::scaled_dot_product_attention`` (q k^T, then weights x v)."""
+    q, k, v = (get_shape(x) for x in inputs[:3])
+    batch = int(np.prod(q[:-2]))
+    return batch * q[-2] * k[-2] * (q[-1] + v[-1])
+
+
+HANDLES = {'msda::forward': msda_flop_jit,
+           'aten::scaled_dot_product_attention': sdpa_flop_jit}
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description='FLOPs and parameters of a detector')
+    parser.add_argument('config', help='config file path')
+    parser.add_argument('--checkpoint', help='optional weights (FLOPs do not depend on them)')
+    parser.add_argument('--shape', type=int, nargs='+',
+                        help='input H W (one number: square); default: real test images')
+    parser.add_argument('--num-images', type=int, default=100,
+                        help='images of the test set to average over (without --shape)')
+    parser.add_argument('--show-table', action='store_true',
+                        help='print the per-module table')
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
+                        help='override config settings, key=value pairs')
+    return parser.parse_args()
+
+
+def count(model: torch.nn.Module, data: dict) -> FlopAnalyzer:
+    """A FlopAnalyzer of ``model`` on one preprocessed batch, our op handled."""
+    data = model.data_preprocessor(data, False)
+    forward = model.forward
+    model.forward = partial(forward, data_samples=data['data_samples'], mode='tensor')
+    try:
+        flops = FlopAnalyzer(model, (data['inputs'],))
+        flops.set_op_handle(**HANDLES)
+        flops.total()  # traces now, while forward is patched
+    finally:
+        model.forward = forward
+    return flops
+
+
+def fixed_shape_batch(shape: List[int]) -> dict:
+    """A batch of one random ``H x W`` image with the metainfo DETRs need."""
+    from mmdet.structures import DetDataSample
+    h, w = (shape * 2)[:2] if len(shape) == 1 else shape
+    meta = dict(img_shape=(h, w), ori_shape=(h, w), pad_shape=(h, w),
+                batch_input_shape=(h, w), scale_factor=(1., 1.))
+    return dict(inputs=[torch.randint(0, 256, (3, h, w), dtype=torch.uint8)],
+                data_samples=[DetDataSample(metainfo=meta)])
+
+
+def main() -> None:
+    args = parse_args()
+    logger = MMLogger.get_instance('get_flops', log_level='INFO')
+    cfg = Config.fromfile(args.config)
+    if args.cfg_options is not None:
+        cfg.merge_from_dict(args.cfg_options)
+    if cfg.get('custom_imports') is not None:
+        from mmengine.utils import import_modules_from_strings
+        import_modules_from_strings(**cfg.custom_imports)
+    init_default_scope(cfg.get('default_scope', 'mmdet'))
+    from mmdet.registry import MODELS
+    model = MODELS.build(cfg.model)
+    if args.checkpoint:
+        load_checkpoint(model, args.checkpoint, map_location='cpu')
+    model.eval()
+    params = parameter_count(model)['']
+
+    with torch.no_grad():
+        if args.shape:
+            flops = count(model, fixed_shape_batch(args.shape))
+            totals, shapes, analyzer = [flops.total()], [args.shape], flops
+        else:
+            cfg.test_dataloader.batch_size, cfg.test_dataloader.num_workers = 1, 0
+            cfg.test_dataloader.persistent_workers = False
+            loader = Runner.build_dataloader(cfg.test_dataloader)
+            num = min(args.num_images, len(loader))
+            totals, shapes, bar = [], [], ProgressBar(num)
+            for i, data in enumerate(loader):
+                if i == num:
+                    break
+                analyzer = count(model, data)
+                totals.append(analyzer.total())
+                shapes.append(tuple(data['inputs'][0].shape[-2:]))
+                bar.update()
+            print()
+    unsupported = analyzer.unsupported_ops()
+    if args.show_table:
+        print(complexity_stats_table(analyzer, show_param_shapes=False))
+    split = '=' * 30
+    mean_shape = tuple(int(x) for x in np.mean(np.array(shapes, dtype=float), axis=0).round())
+    logger.info(f'\n{split}\n'
+                f'Input shape: {mean_shape}'
+                f'{" (mean of %d images)" % len(shapes) if not args.shape else ""}\n'
+                f'Flops: {np.mean(totals) / 1e9:.2f} G\n'
+                f'Params: {params / 1e6:.2f} M\n{split}')
+    by_op = analyzer.by_operator()
+    logger.info('Flops by operator (last input): ' + ', '.join(
+        f'{op}: {_format_size(n)}' for op, n in by_op.most_common()))
+    if unsupported:
+        logger.info('Not counted (no handle): ' + ', '.join(
+            f'{op} x{n}' for op, n in unsupported.most_common()))
+
+
+if __name__ == '__main__':
+    main()

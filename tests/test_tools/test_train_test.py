@@ -230,6 +230,19 @@ def reference_run() -> str:
     return work_dir
 
 
+@functools.lru_cache(maxsize=None)
+def prediction_run() -> str:
+    """tools/test.py on the reference run's last checkpoint, with --out and --show-dir."""
+    setup, work_dir = tiny_setup(), reference_run()
+    out_dir = osp.join(setup['tmp'], 'test_out')
+    proc = run_tool(['tools/test.py', setup['config'], osp.join(work_dir, 'iter_8.pth'),
+                     '--work-dir', out_dir, '--out', osp.join(out_dir, 'results.pkl'),
+                     '--show-dir', 'vis'])
+    with open(osp.join(out_dir, 'stdout.txt'), 'w') as f:
+        f.write(proc.stdout + proc.stderr)
+    return out_dir
+
+
 def test_train_writes_checkpoints_logs_and_metrics():
     work_dir = reference_run()
     for i in (2, 4, 6, 8):
@@ -242,13 +255,10 @@ def test_train_writes_checkpoints_logs_and_metrics():
 
 
 def test_test_dumps_predictions_and_draws_them():
-    setup, work_dir = tiny_setup(), reference_run()
-    out_dir = osp.join(setup['tmp'], 'test_out')
-    out = osp.join(out_dir, 'results.pkl')
-    proc = run_tool(['tools/test.py', setup['config'], osp.join(work_dir, 'iter_8.pth'),
-                     '--work-dir', out_dir, '--out', out, '--show-dir', 'vis'])
-    assert 'coco/bbox_mAP' in proc.stdout + proc.stderr
-    with open(out, 'rb') as f:
+    out_dir = prediction_run()
+    with open(osp.join(out_dir, 'stdout.txt')) as f:
+        assert 'coco/bbox_mAP' in f.read()
+    with open(osp.join(out_dir, 'results.pkl'), 'rb') as f:
         results = pickle.load(f)
     assert len(results) == 8
     assert {'img_id', 'pred_instances'} <= set(results[0])

@@ -17,93 +17,114 @@
 namespace msda {
 namespace {
 
+// The hot loops are compiled twice, for AVX2 + FMA and for baseline x86-64, and the
+// loader picks the one the CPU supports: portable builds, without leaving 8-wide
+// vectors unused on the machines that have them.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define MSDA_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define MSDA_CPU_CLONES
+#endif
+
 template <typename scalar_t>
-void forward_kernel(const Sizes& s, const scalar_t* value, const int64_t* shapes,
-                    const int64_t* starts, const scalar_t* loc, const scalar_t* attn,
-                    scalar_t* out) {
+struct Inputs {
+  const scalar_t* value;
+  const int64_t* shapes;
+  const int64_t* starts;
+  const scalar_t* loc;
+  const scalar_t* attn;
+};
+
+// Output rows (b, q, :) for b * nq + q in [begin, end).
+template <typename scalar_t>
+MSDA_CPU_CLONES void forward_rows(const Sizes& s, const Inputs<scalar_t>& in, scalar_t* out,
+                                  int64_t begin, int64_t end) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t lp = s.levels * s.points;
-  // Each (batch, query) costs heads * levels * points * 4 * dim multiply-adds.
-  const int64_t grain = std::max<int64_t>(1, 32768 / (s.heads * lp * 4 * s.dim));
-  at::parallel_for(0, s.bs * s.nq, grain, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> acc(s.dim);
-    for (int64_t bq = begin; bq < end; ++bq) {
-      const int64_t b = bq / s.nq;
-      for (int64_t h = 0; h < s.heads; ++h) {
-        std::fill(acc.begin(), acc.end(), acc_t(0));
-        const scalar_t* loc_q = loc + (bq * s.heads + h) * lp * 2;
-        const scalar_t* attn_q = attn + (bq * s.heads + h) * lp;
-        for (int64_t l = 0; l < s.levels; ++l) {
-          for (int64_t p = 0; p < s.points; ++p) {
-            const int64_t i = l * s.points + p;
-            const auto taps = bilinear_taps<acc_t>(
-                static_cast<acc_t>(loc_q[2 * i]), static_cast<acc_t>(loc_q[2 * i + 1]),
-                shapes[2 * l], shapes[2 * l + 1], starts[l], s.num_keys);
-            const acc_t a = static_cast<acc_t>(attn_q[i]);
-            for (int k = 0; k < 4; ++k) {
-              if (taps.index[k] < 0) continue;
-              const acc_t wgt = a * taps.weight[k];
-              const scalar_t* v = value + ((b * s.num_keys + taps.index[k]) * s.heads + h) * s.dim;
+  std::vector<acc_t> acc(s.dim);
+  for (int64_t bq = begin; bq < end; ++bq) {
+    const int64_t b = bq / s.nq;
+    for (int64_t h = 0; h < s.heads; ++h) {
+      std::fill(acc.begin(), acc.end(), acc_t(0));
+      const int64_t row = bq * s.heads + h;  // (b, q, h)
+      for (int64_t l = 0; l < s.levels; ++l) {
+        for (int64_t p = 0; p < s.points; ++p) {
+          const int64_t i = row * lp + l * s.points + p;
+          const auto taps = bilinear_taps<acc_t>(
+              static_cast<acc_t>(in.loc[2 * i]), static_cast<acc_t>(in.loc[2 * i + 1]),
+              in.shapes[2 * l], in.shapes[2 * l + 1], in.starts[l], s.num_keys);
+          const acc_t a = static_cast<acc_t>(in.attn[i]);
+          for (int k = 0; k < 4; ++k) {
+            if (taps.index[k] < 0) continue;
+            const acc_t wgt = a * taps.weight[k];
+            const scalar_t* v = in.value + ((b * s.num_keys + taps.index[k]) * s.heads + h) * s.dim;
 #pragma omp simd
-              for (int64_t c = 0; c < s.dim; ++c) acc[c] += wgt * static_cast<acc_t>(v[c]);
-            }
+            for (int64_t c = 0; c < s.dim; ++c) acc[c] += wgt * static_cast<acc_t>(v[c]);
           }
         }
-        scalar_t* o = out + (bq * s.heads + h) * s.dim;
-        for (int64_t c = 0; c < s.dim; ++c) o[c] = static_cast<scalar_t>(acc[c]);
       }
+      scalar_t* o = out + row * s.dim;
+      for (int64_t c = 0; c < s.dim; ++c) o[c] = static_cast<scalar_t>(acc[c]);
     }
-  });
+  }
 }
 
-// grad_value is accumulated in acc_t (float32 for bfloat16 inputs).
+// Gradients of every (b, q, h) with b * heads + h in [begin, end): such a range owns the
+// rows value[b, :, h, :], so grad_value (accumulated in acc_t, float32 for bfloat16)
+// needs no atomics.
 template <typename scalar_t>
-void backward_kernel(const Sizes& s, const scalar_t* grad_out, const scalar_t* value,
-                     const int64_t* shapes, const int64_t* starts, const scalar_t* loc,
-                     const scalar_t* attn, at::opmath_type<scalar_t>* grad_value,
-                     scalar_t* grad_loc, scalar_t* grad_attn) {
+MSDA_CPU_CLONES void backward_heads(const Sizes& s, const Inputs<scalar_t>& in,
+                                    const scalar_t* grad_out,
+                                    at::opmath_type<scalar_t>* grad_value, scalar_t* grad_loc,
+                                    scalar_t* grad_attn, int64_t begin, int64_t end) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t lp = s.levels * s.points;
-  at::parallel_for(0, s.bs * s.heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> go(s.dim);
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / s.heads, h = bh % s.heads;
-      for (int64_t q = 0; q < s.nq; ++q) {
-        const int64_t row = (b * s.nq + q) * s.heads + h;  // (b, q, h)
-        const scalar_t* go_src = grad_out + row * s.dim;
-        for (int64_t c = 0; c < s.dim; ++c) go[c] = static_cast<acc_t>(go_src[c]);
-        for (int64_t l = 0; l < s.levels; ++l) {
-          for (int64_t p = 0; p < s.points; ++p) {
-            const int64_t i = row * lp + l * s.points + p;
-            const auto taps = bilinear_taps<acc_t>(
-                static_cast<acc_t>(loc[2 * i]), static_cast<acc_t>(loc[2 * i + 1]),
-                shapes[2 * l], shapes[2 * l + 1], starts[l], s.num_keys);
-            const acc_t a = static_cast<acc_t>(attn[i]);
-            acc_t g_attn = 0, g_x = 0, g_y = 0;
-            for (int k = 0; k < 4; ++k) {
-              if (taps.index[k] < 0) continue;
-              const int64_t offset = ((b * s.num_keys + taps.index[k]) * s.heads + h) * s.dim;
-              const scalar_t* v = value + offset;
-              acc_t* gv = grad_value + offset;
-              const acc_t wgt = a * taps.weight[k];
-              acc_t dot = 0;
+  std::vector<acc_t> go(s.dim);
+  for (int64_t bh = begin; bh < end; ++bh) {
+    const int64_t b = bh / s.heads, h = bh % s.heads;
+    for (int64_t q = 0; q < s.nq; ++q) {
+      const int64_t row = (b * s.nq + q) * s.heads + h;  // (b, q, h)
+      const scalar_t* go_src = grad_out + row * s.dim;
+      for (int64_t c = 0; c < s.dim; ++c) go[c] = static_cast<acc_t>(go_src[c]);
+      for (int64_t l = 0; l < s.levels; ++l) {
+        for (int64_t p = 0; p < s.points; ++p) {
+          const int64_t i = row * lp + l * s.points + p;
+          const auto taps = bilinear_taps<acc_t>(
+              static_cast<acc_t>(in.loc[2 * i]), static_cast<acc_t>(in.loc[2 * i + 1]),
+              in.shapes[2 * l], in.shapes[2 * l + 1], in.starts[l], s.num_keys);
+          const acc_t a = static_cast<acc_t>(in.attn[i]);
+          acc_t g_attn = 0, g_x = 0, g_y = 0;
+          for (int k = 0; k < 4; ++k) {
+            if (taps.index[k] < 0) continue;
+            const int64_t offset = ((b * s.num_keys + taps.index[k]) * s.heads + h) * s.dim;
+            const scalar_t* v = in.value + offset;
+            acc_t* gv = grad_value + offset;
+            const acc_t wgt = a * taps.weight[k];
+            acc_t dot = 0;
 #pragma omp simd reduction(+ : dot)
-              for (int64_t c = 0; c < s.dim; ++c) {
-                dot += go[c] * static_cast<acc_t>(v[c]);
-                gv[c] += wgt * go[c];
-              }
-              g_attn += taps.weight[k] * dot;
-              g_x += taps.dweight_dx[k] * dot;
-              g_y += taps.dweight_dy[k] * dot;
+            for (int64_t c = 0; c < s.dim; ++c) {
+              dot += go[c] * static_cast<acc_t>(v[c]);
+              gv[c] += wgt * go[c];
             }
-            grad_attn[i] = static_cast<scalar_t>(g_attn);
-            grad_loc[2 * i] = static_cast<scalar_t>(a * g_x);
-            grad_loc[2 * i + 1] = static_cast<scalar_t>(a * g_y);
+            g_attn += taps.weight[k] * dot;
+            g_x += taps.dweight_dx[k] * dot;
+            g_y += taps.dweight_dy[k] * dot;
           }
+          grad_attn[i] = static_cast<scalar_t>(g_attn);
+          grad_loc[2 * i] = static_cast<scalar_t>(a * g_x);
+          grad_loc[2 * i + 1] = static_cast<scalar_t>(a * g_y);
         }
       }
     }
-  });
+  }
+}
+
+template <typename scalar_t>
+Inputs<scalar_t> inputs_of(const at::Tensor& value, const at::Tensor& shapes,
+                           const at::Tensor& starts, const at::Tensor& loc, const at::Tensor& attn) {
+  return {value.const_data_ptr<scalar_t>(), shapes.const_data_ptr<int64_t>(),
+          starts.const_data_ptr<int64_t>(), loc.const_data_ptr<scalar_t>(),
+          attn.const_data_ptr<scalar_t>()};
 }
 
 at::Tensor forward_cpu(const at::Tensor& value_in, const at::Tensor& spatial_shapes_in,
@@ -114,10 +135,13 @@ at::Tensor forward_cpu(const at::Tensor& value_in, const at::Tensor& spatial_sha
   const auto shapes = spatial_shapes_in.contiguous(), starts = level_start_index_in.contiguous();
   auto out = at::empty({s.bs, s.nq, s.heads * s.dim}, value.options());
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, value.scalar_type(), "msda_forward_cpu", [&] {
-    forward_kernel<scalar_t>(s, value.const_data_ptr<scalar_t>(),
-                             shapes.const_data_ptr<int64_t>(), starts.const_data_ptr<int64_t>(),
-                             loc.const_data_ptr<scalar_t>(), attn.const_data_ptr<scalar_t>(),
-                             out.mutable_data_ptr<scalar_t>());
+    const auto in = inputs_of<scalar_t>(value, shapes, starts, loc, attn);
+    scalar_t* out_ptr = out.mutable_data_ptr<scalar_t>();
+    // A (batch, query) row costs heads * levels * points * 4 * dim multiply-adds.
+    const int64_t grain = std::max<int64_t>(1, 32768 / (s.heads * s.levels * s.points * 4 * s.dim));
+    at::parallel_for(0, s.bs * s.nq, grain, [&](int64_t begin, int64_t end) {
+      forward_rows<scalar_t>(s, in, out_ptr, begin, end);
+    });
   });
   return out;
 }
@@ -135,12 +159,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
   auto grad_loc = at::empty_like(loc);
   auto grad_attn = at::empty_like(attn);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, value.scalar_type(), "msda_backward_cpu", [&] {
-    backward_kernel<scalar_t>(
-        s, grad_out.const_data_ptr<scalar_t>(), value.const_data_ptr<scalar_t>(),
-        shapes.const_data_ptr<int64_t>(), starts.const_data_ptr<int64_t>(),
-        loc.const_data_ptr<scalar_t>(), attn.const_data_ptr<scalar_t>(),
-        grad_value.mutable_data_ptr<at::opmath_type<scalar_t>>(),
-        grad_loc.mutable_data_ptr<scalar_t>(), grad_attn.mutable_data_ptr<scalar_t>());
+    const auto in = inputs_of<scalar_t>(value, shapes, starts, loc, attn);
+    const scalar_t* go = grad_out.const_data_ptr<scalar_t>();
+    auto* gv = grad_value.mutable_data_ptr<at::opmath_type<scalar_t>>();
+    scalar_t* gl = grad_loc.mutable_data_ptr<scalar_t>();
+    scalar_t* ga = grad_attn.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, s.bs * s.heads, 1, [&](int64_t begin, int64_t end) {
+      backward_heads<scalar_t>(s, in, go, gv, gl, ga, begin, end);
+    });
   });
   return {grad_value.to(value.scalar_type()), grad_loc, grad_attn};
 }

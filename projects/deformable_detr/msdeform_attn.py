@@ -8,6 +8,7 @@ import math
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ops import multi_scale_deformable_attn
@@ -81,21 +82,28 @@ class MultiScaleDeformableAttention(nn.Module):
             # Padded pixels must contribute nothing, whoever samples them.
             value = value.masked_fill(key_padding_mask[..., None], 0.0)
         value = value.view(bs, value.shape[1], heads, -1)
-        offsets = self.sampling_offsets(query).view(bs, nq, heads, levels, points, 2)
         weights = self.attention_weights(query).view(bs, nq, heads, levels * points)
         weights = weights.softmax(-1).view(bs, nq, heads, levels, points)
+        # Offsets are scaled per level and coordinate: scaling the projection's
+        # weights (C x 2HLP) costs far less than scaling its output (N x 2HLP).
         if reference_points.shape[-1] == 2:
             # Offsets are in pixels of each level: normalise by (w, h).
-            normalizer = spatial_shapes.flip(-1).to(offsets.dtype)
-            locations = (reference_points[:, :, None, :, None, :] +
-                         offsets / normalizer[None, None, None, :, None, :])
+            scale = 1 / spatial_shapes.flip(-1).to(query.dtype)
         elif reference_points.shape[-1] == 4:
-            # Two-stage / box refinement: offsets are relative to the box size.
-            locations = (reference_points[:, :, None, :, None, :2] +
-                         offsets / points * reference_points[:, :, None, :, None, 2:] * 0.5)
+            # Boxes: offsets are relative to the box size (x 0.5 / points below).
+            scale = query.new_full((levels, 2), 0.5 / points)
         else:
             raise ValueError('reference_points must end in 2 (points) or 4 (boxes), got '
                              f'{tuple(reference_points.shape)}')
+        scale = scale[None, :, None, :].expand(heads, levels, points, 2).reshape(-1)
+        offsets = F.linear(query, self.sampling_offsets.weight * scale[:, None],
+                           self.sampling_offsets.bias * scale)
+        offsets = offsets.view(bs, nq, heads, levels, points, 2)
+        if reference_points.shape[-1] == 2:
+            locations = offsets + reference_points[:, :, None, :, None, :]
+        else:
+            locations = torch.addcmul(reference_points[:, :, None, :, None, :2], offsets,
+                                      reference_points[:, :, None, :, None, 2:])
         out = multi_scale_deformable_attn(value, spatial_shapes, level_start_index,
                                           locations, weights)
         return self.output_proj(out)

@@ -83,8 +83,10 @@ class FFN(nn.Module):
 
     def __init__(self, embed_dims: int, feedforward_channels: int, dropout: float) -> None:
         super().__init__()
+        # Not ReLU(inplace=True): the linear's 3-D output is a view of a 2-D matmul,
+        # and autograd would copy the whole gradient back through that view.
         self.layers = nn.Sequential(
-            nn.Sequential(nn.Linear(embed_dims, feedforward_channels), nn.ReLU(inplace=True),
+            nn.Sequential(nn.Linear(embed_dims, feedforward_channels), nn.ReLU(),
                           nn.Dropout(dropout)),
             nn.Linear(feedforward_channels, embed_dims), nn.Dropout(dropout))
 

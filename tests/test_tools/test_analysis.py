@@ -114,3 +114,16 @@ def test_benchmark(monkeypatch, capfd):
     run_main('benchmark.py', [config, '--task', 'dataloader', '--max-iter', '3',
                               '--num-warmup', '1', '--log-interval', '1'], monkeypatch)
     assert 'batch/s' in capfd.readouterr().out
+
+
+@pytest.mark.xfail(raises=ValueError, strict=False, reason=(
+    'ops/multi_scale_deform_attn.py _check_shapes compares sizes with set(); under '
+    'torch.jit.trace (FlopAnalyzer) shapes are traced tensors, equal ones look different'))
+def test_get_flops_counts_our_op(monkeypatch, capfd):
+    """With this project's model the deformable attention is one traced msda::forward."""
+    pytest.importorskip('ops')
+    run_main('get_flops.py', [tiny_setup()['ours'], '--shape', '64', '64'], monkeypatch)
+    out = capfd.readouterr().out
+    assert 'Flops: ' in out
+    assert 'forward: ' in out  # FlopAnalyzer names msda::forward by its op name
+    assert 'msda::forward' not in out.split('Not counted')[-1]

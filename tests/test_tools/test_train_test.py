@@ -114,6 +114,24 @@ resume = False
 randomness = dict(seed=0)
 '''
 
+# The same, with this project's model (scope ddetr, the msda op) in place of mmdet's.
+TINY_OURS_CONFIG = '''
+_base_ = './tiny_ddetr.py'
+custom_imports = dict(imports=['tiny_hooks', 'projects.deformable_detr'],
+                      allow_failed_imports=False)
+layers = dict(num_layers=1, embed_dims=32, num_heads=4, num_points=2,
+              feedforward_channels=64, dropout=0.0)
+model = dict(
+    _delete_=True, type='ddetr.DeformableDETR', num_queries=10, num_feature_levels=2,
+    data_preprocessor={{_base_.model.data_preprocessor}},
+    backbone={{_base_.model.backbone}}, neck={{_base_.model.neck}},
+    encoder=layers, decoder=layers,
+    bbox_head=dict(type='ddetr.DeformableDETRHead', num_classes=2, embed_dims=32),
+    train_cfg=dict(assigner=dict(type='ddetr.HungarianAssigner', cls_weight=2.0,
+                                 l1_weight=5.0, giou_weight=2.0)),
+    test_cfg=dict(max_per_img=10))
+'''
+
 # RecordHook: one json line per training iteration and rank (losses, gradient norm,
 # image ids, the dtype of the first Linear's output) in WORK_DIR/record_rank{R}.jsonl;
 # with KILL_AT_ITER=N in the environment it SIGKILLs its own process after iteration N.
@@ -182,18 +200,21 @@ def tiny_setup() -> Dict[str, str]:
     config = osp.join(tmp, 'tiny_ddetr.py')
     with open(config, 'w') as f:
         f.write(TINY_CONFIG.format(data_root=osp.join(tmp, 'data')))
+    with open(osp.join(tmp, 'tiny_ours.py'), 'w') as f:
+        f.write(TINY_OURS_CONFIG)
     with open(osp.join(tmp, 'tiny_hooks.py'), 'w') as f:
         f.write(HOOKS_MODULE)
     if tmp not in sys.path:  # for the tools run in this process
         sys.path.insert(0, tmp)
-    return dict(tmp=tmp, config=config, data=osp.join(tmp, 'data'))
+    return dict(tmp=tmp, config=config, ours=osp.join(tmp, 'tiny_ours.py'),
+                data=osp.join(tmp, 'data'))
 
 
 def run_tool(args: List[str], env: Optional[Dict[str, str]] = None,
              check: bool = True) -> subprocess.CompletedProcess:
     """Runs ``args`` (e.g. ['tools/train.py', ...] or ['bash', ...]) niced, from the root."""
     setup = tiny_setup()
-    full_env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1',
+    full_env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', PYTHONFAULTHANDLER='1',
                     PYTHONPATH=os.pathsep.join([setup['tmp'], ROOT,
                                                 os.environ.get('PYTHONPATH', '')]))
     full_env.update(env or {})
@@ -291,3 +312,15 @@ def test_amp_trains_in_bfloat16_on_cpu_and_auto_scale_lr(tmp_path):
     # same data and initial weights: bfloat16 changes the first loss only slightly
     assert records[1]['loss'] != reference[1]['loss']
     assert abs(records[1]['loss'] - reference[1]['loss']) < 0.05 * reference[1]['loss']
+
+
+def test_train_and_test_our_model(tmp_path):
+    """The tools with this project's Deformable DETR (ddetr scope, the msda op)."""
+    config = tiny_setup()['ours']
+    run_tool(['tools/train.py', config, '--work-dir', str(tmp_path), '--cfg-options',
+              'train_cfg.max_iters=2', 'train_cfg.val_interval=2'])
+    records = read_records(str(tmp_path))
+    assert sorted(records) == [1, 2] and all(np.isfinite(r['loss']) for r in records.values())
+    proc = run_tool(['tools/test.py', config, str(tmp_path / 'iter_2.pth'), '--work-dir',
+                     str(tmp_path / 'test')])
+    assert 'coco/bbox_mAP' in proc.stdout + proc.stderr

@@ -20,10 +20,10 @@ class DeformableDETR(BaseDetector):
 
     Args:
         backbone: Backbone config (mmdet's ``ResNet``).
-        neck: Neck config mapping the backbone levels to ``num_feature_levels``
-            maps of ``embed_dims`` channels (mmdet's ``ChannelMapper``).
         bbox_head: Head config (``ddetr.DeformableDETRHead``); the detector sets
             its ``num_pred_layer``, ``share_pred_layer`` and ``as_two_stage``.
+        neck: Neck config mapping the backbone levels to ``num_feature_levels``
+            maps of ``embed_dims`` channels (mmdet's ``ChannelMapper``).
         encoder: :class:`DeformableEncoder` arguments: ``num_layers``,
             ``embed_dims``, ``num_heads``, ``num_points``,
             ``feedforward_channels``, ``dropout``.
@@ -39,7 +39,7 @@ class DeformableDETR(BaseDetector):
         init_cfg: Initialisation config.
     """
 
-    def __init__(self, backbone: dict, neck: Optional[dict], bbox_head: dict,
+    def __init__(self, backbone: dict, bbox_head: dict, neck: Optional[dict] = None,
                  encoder: Optional[dict] = None, decoder: Optional[dict] = None,
                  positional_encoding: Optional[dict] = None, num_queries: int = 300,
                  num_feature_levels: int = 4, with_box_refine: bool = False,

@@ -11,6 +11,7 @@ that the two models agree on the losses.
 import argparse
 import copy
 import importlib.util
+import logging
 import os
 import statistics
 import sys
@@ -26,6 +27,7 @@ import mmdet  # noqa: E402
 from mmdet.registry import MODELS  # noqa: E402
 from mmdet.structures import DetDataSample  # noqa: E402
 from mmengine.config import Config  # noqa: E402
+from mmengine.logging import MMLogger  # noqa: E402
 from mmengine.registry import init_default_scope  # noqa: E402
 from mmengine.structures import InstanceData  # noqa: E402
 
@@ -122,6 +124,7 @@ def interleaved(label: str, fns: Dict[str, Callable], warmup: int,
 
 def main() -> None:
     args = parse_args()
+    MMLogger.get_current_instance().setLevel(logging.WARNING)  # init_weights' dump
     if args.threads:
         torch.set_num_threads(args.threads)
     theirs, ours = build_models(args)

@@ -90,7 +90,7 @@ class MultiScaleDeformableAttention(nn.Module):
             # Offsets are in pixels of each level: normalise by (w, h).
             scale = 1 / spatial_shapes.flip(-1).to(query.dtype)
         elif reference_points.shape[-1] == 4:
-            # Boxes: offsets are relative to the box size (x 0.5 / points below).
+            # Boxes: offsets count in half box sizes per point (times w, h below).
             scale = query.new_full((levels, 2), 0.5 / points)
         else:
             raise ValueError('reference_points must end in 2 (points) or 4 (boxes), got '

@@ -1,5 +1,9 @@
-"""tools/dist_train.sh: 2 CPU processes (gloo) x batch 1 train as 1 process x batch 2."""
+"""tools/dist_train.sh / dist_test.sh on 2 CPU processes (gloo).
+
+2 processes x batch 1 train as 1 process x batch 2.
+"""
 import os.path as osp
+import pickle
 import socket
 import sys
 
@@ -40,3 +44,15 @@ def test_dist_train_matches_single_process(tmp_path):
                                    rtol=1e-4)
         assert ranks[0][it]['grad_norm'] == ranks[1][it]['grad_norm']
     assert osp.isfile(osp.join(work_dir, 'iter_4.pth'))
+
+
+def test_dist_test_collects_all_predictions(tmp_path):
+    setup = tiny_setup()
+    out = str(tmp_path / 'results.pkl')
+    proc = run_tool(['bash', 'tools/dist_test.sh', setup['config'],
+                     osp.join(reference_run(), 'iter_8.pth'), '2', '--work-dir', str(tmp_path),
+                     '--out', out], env=dict(PORT=str(free_port())))
+    assert 'coco/bbox_mAP' in proc.stdout + proc.stderr
+    with open(out, 'rb') as f:
+        results = pickle.load(f)
+    assert sorted(r['img_id'] for r in results) == list(range(1, 9))  # both ranks' halves

@@ -22,6 +22,8 @@ import pytest
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 TIMEOUT = 240
+if ROOT not in sys.path:  # projects.deformable_detr, ops, whatever the working directory
+    sys.path.insert(0, ROOT)
 
 pytest.importorskip('mmdet')
 

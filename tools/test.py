@@ -20,6 +20,7 @@ from mmengine.registry import RUNNERS  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
 
 import projects.deformable_detr.safe_checkpoint  # noqa: E402,F401  (torch>=2.6 loading)
+from train import close_distributed, setup_cpu_distributed  # noqa: E402  (tools/train.py)
 
 
 def parse_args() -> argparse.Namespace:
@@ -98,9 +99,7 @@ def main() -> None:
         enable_visualization(cfg, args)
     if args.tta:
         enable_tta(cfg)
-    if cfg.launcher != 'none':
-        from train import setup_cpu_distributed  # noqa: E402  (tools/ is on sys.path)
-        setup_cpu_distributed(cfg)
+    setup_cpu_distributed(cfg)
 
     runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
     if args.out is not None:
@@ -109,6 +108,7 @@ def main() -> None:
         from mmdet.evaluation import DumpDetResults
         runner.test_evaluator.metrics.append(DumpDetResults(out_file_path=args.out))
     runner.test()
+    close_distributed()
 
 
 if __name__ == '__main__':

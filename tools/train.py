@@ -139,6 +139,18 @@ def main() -> None:
 
     runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
     runner.train()
+    close_distributed()
+
+
+def close_distributed() -> None:
+    """Tears the process group down before exit (MMEngine leaves it to the interpreter).
+
+    Otherwise gloo's threads may still run while the process exits: "terminate called
+    without an active exception", SIGABRT, and torchrun reports the run as failed.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == '__main__':

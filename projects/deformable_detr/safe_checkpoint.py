@@ -38,14 +38,11 @@ _NUMERIC_DTYPES = ('bool', 'int8', 'int16', 'int32', 'int64', 'uint8', 'uint16',
 
 def _history_buffer_attr(owner: Any, name: str) -> Callable:
     """Stands in for ``builtins.getattr`` while unpickling: HistoryBuffer methods only."""
-    known = name in _STATISTICS or name in HistoryBuffer._statistics_methods
-    allowed = owner is HistoryBuffer and known
-    attr = getattr(HistoryBuffer, name, None) if allowed else None
-    if not callable(attr):
+    if owner is not HistoryBuffer or name not in _STATISTICS:
         raise pickle.UnpicklingError(
             f'refused getattr({owner!r}, {name!r}): the allow-list of MMEngine checkpoints '
             'permits getattr only for the statistics methods of HistoryBuffer')
-    return attr
+    return getattr(HistoryBuffer, name)
 
 
 def safe_globals() -> List[Union[Callable, Tuple[Callable, str]]]:

@@ -146,10 +146,14 @@ def multi_scale_deformable_attn(value: Tensor, spatial_shapes: Tensor,
     Raises:
         ValueError / TypeError naming the argument, for any inconsistent input.
     """
-    _check_shapes(value, spatial_shapes, level_start_index, sampling_locations,
-                  attention_weights)
+    # torch.jit.trace (MMEngine's FLOP counter) records sizes as tensors, which the
+    # checks cannot compare; a traced model has already run, and been checked, eagerly.
+    tracing = torch.jit.is_tracing()
+    if not tracing:
+        _check_shapes(value, spatial_shapes, level_start_index, sampling_locations,
+                      attention_weights)
     spatial_shapes, level_start_index = spatial_shapes.long(), level_start_index.long()
-    if value.device.type == 'cpu' and not torch.compiler.is_compiling():
+    if value.device.type == 'cpu' and not (tracing or torch.compiler.is_compiling()):
         _check_levels(value, spatial_shapes, level_start_index)
     if has_kernel(value.device.type):
         return torch.ops.msda.forward(value, spatial_shapes, level_start_index,

@@ -26,7 +26,6 @@ from mmengine.analysis import FlopAnalyzer, parameter_count  # noqa: E402
 from mmengine.analysis.jit_handles import get_shape  # noqa: E402
 from mmengine.analysis.print_helper import _format_size, complexity_stats_table  # noqa: E402
 from mmengine.config import Config, DictAction  # noqa: E402
-from mmengine.logging import MMLogger  # noqa: E402
 from mmengine.registry import init_default_scope  # noqa: E402
 from mmengine.runner import Runner, load_checkpoint  # noqa: E402
 from mmengine.utils import ProgressBar  # noqa: E402
@@ -97,7 +96,6 @@ def fixed_shape_batch(shape: List[int]) -> dict:
 
 def main() -> None:
     args = parse_args()
-    logger = MMLogger.get_instance('get_flops', log_level='INFO')
     cfg = Config.fromfile(args.config)
     if args.cfg_options is not None:
         cfg.merge_from_dict(args.cfg_options)
@@ -135,16 +133,17 @@ def main() -> None:
         print(complexity_stats_table(analyzer, show_param_shapes=False))
     split = '=' * 30
     mean_shape = tuple(int(x) for x in np.mean(np.array(shapes, dtype=float), axis=0).round())
-    logger.info(f'\n{split}\n'
+    # The result goes to stdout, like MMDetection's get_flops.py prints it.
+    print(f'\n{split}\n'
                 f'Input shape: {mean_shape}'
                 f'{" (mean of %d images)" % len(shapes) if not args.shape else ""}\n'
                 f'Flops: {np.mean(totals) / 1e9:.2f} G\n'
                 f'Params: {params / 1e6:.2f} M\n{split}')
     by_op = analyzer.by_operator()
-    logger.info('Flops by operator (last input): ' + ', '.join(
+    print('Flops by operator (last input): ' + ', '.join(
         f'{op}: {_format_size(n)}' for op, n in by_op.most_common()))
     if unsupported:
-        logger.info('Not counted (no handle): ' + ', '.join(
+        print('Not counted (no handle): ' + ', '.join(
             f'{op} x{n}' for op, n in unsupported.most_common()))
 
 

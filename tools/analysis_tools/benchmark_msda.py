@@ -50,6 +50,31 @@ def make_inputs(height: int, width: int, num_queries: Optional[int], device: str
                 sampling_locations=loc, attention_weights=weights)
 
 
+def traffic_floor_bytes(inputs: Dict[str, torch.Tensor]) -> Tuple[int, int]:
+    """Bytes that must move at the least: (forward, forward + backward).
+
+    Forward reads value, locations and weights once and writes the output. Backward
+    reads grad_output and the inputs again and writes the three gradients (grad_value
+    accumulated in float32 for the half types: zeroed, added, cast).
+    """
+    value, loc, weights = (inputs[k] for k in ('value', 'sampling_locations',
+                                                'attention_weights'))
+    size = lambda t: t.numel() * t.element_size()  # noqa: E731
+    out = value.shape[0] * loc.shape[1] * value.shape[2] * value.shape[3] * value.element_size()
+    forward = size(value) + size(loc) + size(weights) + out
+    grad_value = value.numel() * 4 * 3 if value.element_size() < 4 else size(value)
+    backward = out + size(value) + size(loc) + size(weights) + grad_value + size(loc) + size(weights)
+    return forward, forward + backward
+
+
+def measure_bandwidth(device: str) -> float:
+    """Bytes per second of a large device-to-device copy (read + write)."""
+    src = torch.empty(64 * 2**20, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    seconds = time_call(lambda: dst.copy_(src), device, min_time=0.5, max_repeat=20)
+    return 2 * src.numel() * 4 / seconds
+
+
 def implementations(device: str) -> Dict[str, Callable]:
     impls = {'ours': multi_scale_deformable_attn}
     try:
@@ -124,12 +149,14 @@ def main() -> None:
     args = parser.parse_args()
 
     impls = implementations(args.device)
+    bandwidth = measure_bandwidth(args.device)
     print(f'device: {torch.cuda.get_device_name() if args.device == "cuda" else "cpu"}, '
           f'torch {torch.__version__}, threads {torch.get_num_threads()}; '
-          f'bs={BS} heads={HEADS} dim={DIM} levels=4 points={POINTS}; median times in ms')
-    header = f'| case | dtype | impl | fwd ms | fwd+bwd ms | fwd speed-up | fwd+bwd speed-up |'
-    print(header)
-    print('|' + '---|' * 7)
+          f'bs={BS} heads={HEADS} dim={DIM} levels=4 points={POINTS}; median times in ms; '
+          f'copy bandwidth {bandwidth / 1e9:.1f} GB/s')
+    print('| case | dtype | impl | fwd ms | fwd+bwd ms | fwd speed-up | fwd+bwd speed-up '
+          '| fwd / floor | fwd+bwd / floor |')
+    print('|' + '---|' * 9)
     for case in args.cases:
         height, width, nq = CASES[case]
         for dtype_name in args.dtypes:
@@ -143,13 +170,16 @@ def main() -> None:
                 except (RuntimeError, NotImplementedError) as err:  # e.g. no fp16 kernel
                     print(f'| {case} | {dtype_name} | {name} | n/a: '
                           f'{str(err).splitlines()[0][:60]} | | | |')
+            floor = [b / bandwidth for b in traffic_floor_bytes(inputs)]
             ours = results.get('ours')
             for name, (fwd, fwd_bwd) in results.items():
-                ratio = ('' if ours is None else
+                ratio = ('| ' if ours is None else
                          f'{fwd / ours[0]:.2f}x | {fwd_bwd / ours[1]:.2f}x')
                 print(f'| {case} | {dtype_name} | {name} | {fwd * 1e3:.2f} | {fwd_bwd * 1e3:.2f} '
-                      f'| {ratio} |')
-    print('speed-up: the implementation\'s time over ours (> 1: ours is faster)')
+                      f'| {ratio} | {fwd / floor[0]:.1f}x | {fwd_bwd / floor[1]:.1f}x |')
+    print("speed-up: the implementation's time over ours (> 1: ours is faster); floor: the "
+          'least bytes the op must move (inputs read once, outputs written once) over the '
+          'copy bandwidth')
 
 
 if __name__ == '__main__':

@@ -25,7 +25,6 @@ from mmengine.device import get_device  # noqa: E402
 from mmengine.dist import init_dist  # noqa: E402
 from mmengine.registry import init_default_scope  # noqa: E402
 from mmengine.runner import load_checkpoint  # noqa: E402
-from mmengine.utils import import_modules_from_strings  # noqa: E402
 
 import projects.deformable_detr.safe_checkpoint  # noqa: E402,F401
 
@@ -116,11 +115,9 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    cfg = Config.fromfile(args.config)
+    cfg = Config.fromfile(args.config)  # also imports its custom_imports
     if args.cfg_options is not None:
         cfg.merge_from_dict(args.cfg_options)
-    if cfg.get('custom_imports') is not None:
-        import_modules_from_strings(**cfg.custom_imports)
     init_default_scope(cfg.get('default_scope', 'mmdet'))
     distributed = args.launcher != 'none'
     if distributed:

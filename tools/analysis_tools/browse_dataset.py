@@ -12,7 +12,7 @@ if ROOT not in sys.path:
 
 from mmengine.config import Config, DictAction  # noqa: E402
 from mmengine.registry import init_default_scope  # noqa: E402
-from mmengine.utils import ProgressBar, import_modules_from_strings  # noqa: E402
+from mmengine.utils import ProgressBar  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -32,11 +32,9 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    cfg = Config.fromfile(args.config)
+    cfg = Config.fromfile(args.config)  # also imports its custom_imports
     if args.cfg_options is not None:
         cfg.merge_from_dict(args.cfg_options)
-    if cfg.get('custom_imports') is not None:
-        import_modules_from_strings(**cfg.custom_imports)
     init_default_scope(cfg.get('default_scope', 'mmdet'))
     import mmcv
     from mmdet.registry import DATASETS, VISUALIZERS

@@ -96,12 +96,9 @@ def fixed_shape_batch(shape: List[int]) -> dict:
 
 def main() -> None:
     args = parse_args()
-    cfg = Config.fromfile(args.config)
+    cfg = Config.fromfile(args.config)  # also imports its custom_imports
     if args.cfg_options is not None:
         cfg.merge_from_dict(args.cfg_options)
-    if cfg.get('custom_imports') is not None:
-        from mmengine.utils import import_modules_from_strings
-        import_modules_from_strings(**cfg.custom_imports)
     init_default_scope(cfg.get('default_scope', 'mmdet'))
     from mmdet.registry import MODELS
     model = MODELS.build(cfg.model)

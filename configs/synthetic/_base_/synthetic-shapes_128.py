@@ -1,6 +1,8 @@
 # Synthetic shapes data set (tools/dataset_converters/synthetic_coco.py), 128x128 images,
 # and a CPU-sized runtime shared by the synthetic configs. mmdet's CocoDataset, pipeline
 # and CocoMetric are used unchanged: only the class names differ from COCO.
+_base_ = '../../deformable_detr/_base_/default_runtime.py'
+
 dataset_type = 'CocoDataset'
 data_root = 'data/synthetic/'
 metainfo = dict(
@@ -63,24 +65,10 @@ val_evaluator = dict(
     backend_args=backend_args)
 test_evaluator = val_evaluator
 
-# runtime
-default_scope = 'mmdet'
+# runtime: the COCO configs' (hooks, visualizer, env), with a shorter log interval (loss,
+# lr, time and ETA every 20 iterations) and only the last and the best checkpoint kept.
 default_hooks = dict(
-    timer=dict(type='IterTimerHook'),
-    logger=dict(type='LoggerHook', interval=20),  # prints loss, lr, time and ETA
-    param_scheduler=dict(type='ParamSchedulerHook'),
-    checkpoint=dict(type='CheckpointHook', interval=1, max_keep_ckpts=1,
-                    save_best='coco/bbox_mAP', rule='greater'),
-    sampler_seed=dict(type='DistSamplerSeedHook'),
-    visualization=dict(type='DetVisualizationHook'))
-env_cfg = dict(
-    cudnn_benchmark=False,
-    mp_cfg=dict(mp_start_method='fork', opencv_num_threads=0),
-    dist_cfg=dict(backend='nccl'))
-vis_backends = [dict(type='LocalVisBackend')]
-visualizer = dict(type='DetLocalVisualizer', vis_backends=vis_backends, name='visualizer')
-log_processor = dict(type='LogProcessor', window_size=20, by_epoch=True)
-log_level = 'INFO'
-load_from = None
-resume = False
+    logger=dict(interval=20),
+    checkpoint=dict(max_keep_ckpts=1, save_best='coco/bbox_mAP', rule='greater'))
+log_processor = dict(window_size=20)
 randomness = dict(seed=0)

@@ -29,7 +29,7 @@ demo: install
 	bash tools/demo.sh
 
 bench: install
-	$(PYTHON) tools/analysis_tools/benchmark_msda.py
+	$(PYTHON) tools/analysis_tools/benchmark_multi_scale_deformable_attn.py
 
 clean:
 	rm -rf build ops/*.so *.egg-info

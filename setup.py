@@ -15,7 +15,7 @@ CSRC = os.path.join('ops', 'csrc')
 
 
 def make_extension():
-    sources = [os.path.join(CSRC, 'ms_deform_attn.cpp')]
+    sources = [os.path.join(CSRC, 'multi_scale_deformable_attn.cpp')]
     sources += glob.glob(os.path.join(CSRC, 'cpu', '*.cpp'))
     # -fopenmp: at::parallel_for is inlined into this library and parallelises through
     # OpenMP pragmas; without the flag it silently runs on one thread.
@@ -28,7 +28,7 @@ def make_extension():
     sources += glob.glob(os.path.join(CSRC, 'cuda', '*.cu'))
     args['nvcc'] = ['-O3', '--use_fast_math', '-lineinfo']
     return CUDAExtension('ops._C', sources, extra_compile_args=args,
-                         extra_link_args=['-fopenmp'])
+                         extra_link_args=['-fopenmp'], define_macros=[('WITH_CUDA', None)])
 
 
 setup(

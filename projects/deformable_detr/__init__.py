@@ -10,7 +10,7 @@ from .deformable_detr import DeformableDETR
 from .deformable_detr_head import DeformableDETRHead
 from .dilated_resnet import DilatedResNet
 from .hungarian_assigner import HungarianAssigner
-from .msdeform_attn import MultiScaleDeformableAttention
+from .multi_scale_deformable_attention import MultiScaleDeformableAttention
 from .registry import MODELS, TASK_UTILS
 from .transformer import DeformableDecoder, DeformableEncoder
 

@@ -6,7 +6,7 @@ from mmdet.models.detectors.base import BaseDetector
 from mmdet.structures import OptSampleList, SampleList
 from torch import Tensor, nn
 
-from .msdeform_attn import MultiScaleDeformableAttention
+from .multi_scale_deformable_attention import MultiScaleDeformableAttention
 from .registry import MODELS
 from .transformer import (DeformableDecoder, DeformableEncoder, encoder_output_proposals,
                           flatten_levels, padding_masks, proposal_pos_embed)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from mmdet.models.layers.transformer import inverse_sigmoid
 from torch import Tensor, nn
 
-from .msdeform_attn import MultiScaleDeformableAttention
+from .multi_scale_deformable_attention import MultiScaleDeformableAttention
 
 # ----------------------------------------------------------------------------------
 # Inputs: masks, valid ratios, flattened levels

@@ -11,11 +11,11 @@ NVCC = shutil.which('nvcc') or next(
     (str(p) for p in sorted(Path('/usr/local').glob('cuda*/bin/nvcc'), reverse=True)), None)
 
 INSTANTIATIONS = """
-#include "ops/csrc/cuda/ms_deform_attn_kernels.cuh"
-using namespace msda::cuda;
-#define FORWARD(T) template cudaError_t msda::cuda::launch_forward<T>(const KernelSizes&, bool, const T*, \\
+#include "ops/csrc/cuda/multi_scale_deformable_attn_kernels.cuh"
+using namespace ddetr::cuda;
+#define FORWARD(T) template cudaError_t ddetr::cuda::launch_forward<T>(const KernelSizes&, bool, const T*, \\
     const int64_t*, const int64_t*, const T*, const T*, T*, cudaStream_t);
-#define BACKWARD(T) template cudaError_t msda::cuda::launch_backward<T>(const KernelSizes&, bool, const T*, \\
+#define BACKWARD(T) template cudaError_t ddetr::cuda::launch_backward<T>(const KernelSizes&, bool, const T*, \\
     const T*, const int64_t*, const int64_t*, const T*, const T*, Acc<T>::type*, T*, T*, \\
     cudaStream_t);
 FORWARD(float) FORWARD(double) FORWARD(__half) FORWARD(__nv_bfloat16)

@@ -84,7 +84,7 @@ def test_get_flops(monkeypatch, capfd):
     assert '(mean of 2 images)' in capfd.readouterr().out
 
 
-def test_msda_flop_handle():
+def test_op_flop_handle():
     """The handle counts 5 multiply-adds per channel and sampled point."""
     ops = pytest.importorskip('ops')
     if not ops.has_kernel('cpu'):
@@ -97,7 +97,7 @@ def test_msda_flop_handle():
 
     class Attend(torch.nn.Module):
         def forward(self, value, locations, weights):
-            return torch.ops.msda.forward(value, shapes, starts, locations, weights)
+            return torch.ops.ddetr.multi_scale_deformable_attn(value, shapes, starts, locations, weights)
 
     inputs = (torch.rand(bs, 20, heads, dim), torch.rand(bs, nq, heads, levels, points, 2),
               torch.rand(bs, nq, heads, levels, points))
@@ -117,10 +117,10 @@ def test_benchmark(monkeypatch, capfd):
 
 
 def test_get_flops_counts_our_op(monkeypatch, capfd):
-    """With this project's model the deformable attention is one traced msda::forward."""
+    """With this project's model the deformable attention is one traced ddetr::multi_scale_deformable_attn."""
     pytest.importorskip('ops')
     run_main('get_flops.py', [tiny_setup()['ours'], '--shape', '64', '64'], monkeypatch)
     out = capfd.readouterr().out
     assert 'Flops: ' in out
-    assert 'forward: ' in out  # FlopAnalyzer names msda::forward by its op name
-    assert 'msda::forward' not in out.split('Not counted')[-1]
+    assert 'forward: ' in out  # FlopAnalyzer names ddetr::multi_scale_deformable_attn by its op name
+    assert 'ddetr::multi_scale_deformable_attn' not in out.split('Not counted')[-1]

@@ -116,7 +116,7 @@ resume = False
 randomness = dict(seed=0)
 '''
 
-# The same, with this project's model (scope ddetr, the msda op) in place of mmdet's.
+# The same, with this project's model (scope ddetr, our op) in place of mmdet's.
 TINY_OURS_CONFIG = '''
 _base_ = './tiny_ddetr.py'
 custom_imports = dict(imports=['tiny_hooks', 'projects.deformable_detr'],
@@ -317,7 +317,7 @@ def test_amp_trains_in_bfloat16_on_cpu_and_auto_scale_lr(tmp_path):
 
 
 def test_train_and_test_our_model(tmp_path):
-    """The tools with this project's Deformable DETR (ddetr scope, the msda op)."""
+    """The tools with this project's Deformable DETR (ddetr scope, our op)."""
     config = tiny_setup()['ours']
     run_tool(['tools/train.py', config, '--work-dir', str(tmp_path), '--cfg-options',
               'train_cfg.max_iters=2', 'train_cfg.val_interval=2'])

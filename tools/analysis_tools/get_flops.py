@@ -4,8 +4,8 @@
 
 Counts with MMEngine's ``FlopAnalyzer`` (the analyzer behind
 ``mmengine.analysis.get_model_complexity_info``; fvcore's convention: one
-multiply-add is one FLOP). Tracing sees our op as one node, ``msda::forward``, that
-no default handle knows; :func:`msda_flop_jit` counts it (and :func:`sdpa_flop_jit`
+multiply-add is one FLOP). Tracing sees our op as one node, ``ddetr::multi_scale_deformable_attn``, that
+no default handle knows; :func:`multi_scale_deformable_attn_flop_jit` counts it (and :func:`sdpa_flop_jit`
 the decoder's fused self-attention). Without ``--shape`` the
 count is averaged over the first ``--num-images`` images of the test set after its
 pipeline, as the DETR papers report it; with ``--shape H W`` it is for one H x W input.
@@ -33,8 +33,8 @@ from mmengine.utils import ProgressBar  # noqa: E402
 import projects.deformable_detr.safe_checkpoint  # noqa: E402,F401
 
 
-def msda_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
-    """FLOPs of ``msda::forward(value, shapes, starts, locations, weights)``.
+def multi_scale_deformable_attn_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
+    """FLOPs of ``ddetr::multi_scale_deformable_attn(value, shapes, starts, locations, weights)``.
 
     Every sampled point reads ``dim`` channels at 4 bilinear corners and scales the
     result by its attention weight: 5 multiply-adds per channel and point.
@@ -51,7 +51,7 @@ def sdpa_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
     return batch * q[-2] * k[-2] * (q[-1] + v[-1])
 
 
-HANDLES = {'msda::forward': msda_flop_jit,
+HANDLES = {'ddetr::multi_scale_deformable_attn': multi_scale_deformable_attn_flop_jit,
            'aten::scaled_dot_product_attention': sdpa_flop_jit}
 
 

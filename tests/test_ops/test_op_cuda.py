@@ -1,9 +1,8 @@
 """The CUDA kernel against the CPU kernel and mmcv's CUDA op (skipped without a GPU)."""
 import pytest
 import torch
-from msda_cases import assert_close_relative, forward_backward, make_inputs
 
-from ops import has_kernel, multi_scale_deformable_attn, multi_scale_deformable_attn_reference
+from ops import has_kernel, multi_scale_deformable_attn, multi_scale_deformable_attn_pytorch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
 
@@ -29,7 +28,8 @@ def to_device(inputs, dtype):
 @pytest.mark.parametrize('shapes', SHAPES.values(), ids=SHAPES.keys())
 @pytest.mark.parametrize('dtype', TOLERANCE.keys(), ids=str)
 @pytest.mark.parametrize('heads,dim', [(1, 32), (8, 32), (8, 33), (4, 8), (2, 64)])
-def test_matches_cpu(shapes, dtype, heads, dim):
+def test_matches_cpu(shapes, dtype, heads, dim, make_inputs, forward_backward,
+                     assert_close_relative):
     inputs = make_inputs(shapes, heads=heads, dim=dim, nq=37)
     # The CPU result on the same rounded inputs, in float64, is the truth.
     rounded = {k: v.to(dtype).double() if v.is_floating_point() else v for k, v in inputs.items()}
@@ -40,7 +40,7 @@ def test_matches_cpu(shapes, dtype, heads, dim):
         assert_close_relative(a.cpu(), b, TOLERANCE[dtype], name)
 
 
-def test_gradcheck_float64():
+def test_gradcheck_float64(make_inputs):
     inputs = to_device(make_inputs(SHAPES['non_square_odd'], bs=1, heads=2, dim=3, nq=4,
                                    points=2), torch.float64)
 
@@ -53,17 +53,17 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(fn, args)
 
 
-def test_matches_reference_large():
+def test_matches_pytorch_large(make_inputs, forward_backward, assert_close_relative):
     inputs = to_device(make_inputs(SHAPES['four_levels'], bs=2, heads=8, dim=32, nq=300),
                        torch.float32)
     ours = forward_backward(multi_scale_deformable_attn, inputs)
-    ref = forward_backward(multi_scale_deformable_attn_reference, inputs)
+    ref = forward_backward(multi_scale_deformable_attn_pytorch, inputs)
     for name, a, b in zip(NAMES, ours, ref):
         assert_close_relative(a, b, 1e-5, name)
 
 
 @pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16], ids=str)
-def test_autocast_cuda(dtype):
+def test_autocast_cuda(dtype, make_inputs, assert_close_relative):
     inputs = to_device(make_inputs(SHAPES['four_levels'], nq=50), torch.float32)
     with torch.autocast('cuda', dtype=dtype):
         out = multi_scale_deformable_attn(**inputs)
@@ -72,8 +72,8 @@ def test_autocast_cuda(dtype):
 
 
 @pytest.mark.parametrize('dtype', [torch.float32, torch.float16], ids=str)
-def test_matches_mmcv_cuda(dtype):
-    msda = pytest.importorskip('mmcv.ops.multi_scale_deform_attn')
+def test_matches_mmcv_cuda(dtype, make_inputs, forward_backward, assert_close_relative):
+    mmcv_op = pytest.importorskip('mmcv.ops.multi_scale_deform_attn')
     try:
         from mmcv.utils import ext_loader
         ext = ext_loader.load_ext('_ext', ['ms_deform_attn_forward'])
@@ -84,7 +84,7 @@ def test_matches_mmcv_cuda(dtype):
     inputs = to_device(make_inputs(SHAPES['four_levels'], nq=100), dtype)
 
     def mmcv_cuda(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
-        return msda.MultiScaleDeformableAttnFunction.apply(
+        return mmcv_op.MultiScaleDeformableAttnFunction.apply(
             value, spatial_shapes, level_start_index, sampling_locations, attention_weights, 64)
 
     ours = forward_backward(multi_scale_deformable_attn, inputs)

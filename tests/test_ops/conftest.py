@@ -1,10 +1,15 @@
-"""Random inputs for the multi-scale deformable attention tests."""
-from typing import Dict, Sequence, Tuple
+"""Fixtures of the op tests: random inputs, forward + backward, a scale-relative check.
 
+Each fixture hands the tests a function (session-scoped, so that hypothesis tests can
+use them too).
+"""
+from typing import Callable, Dict, Sequence, Tuple
+
+import pytest
 import torch
 
 
-def make_inputs(shapes: Sequence[Tuple[int, int]], bs: int = 2, heads: int = 8, dim: int = 32,
+def _make_inputs(shapes: Sequence[Tuple[int, int]], bs: int = 2, heads: int = 8, dim: int = 32,
                 nq: int = 11, points: int = 4, dtype: torch.dtype = torch.float32,
                 device: str = 'cpu', outside: float = 0.2, seed: int = 0) -> Dict[str, torch.Tensor]:
     """Arguments of ``multi_scale_deformable_attn``.
@@ -28,7 +33,7 @@ def make_inputs(shapes: Sequence[Tuple[int, int]], bs: int = 2, heads: int = 8, 
                 attention_weights=weights.to(device, dtype))
 
 
-def forward_backward(fn, inputs: Dict[str, torch.Tensor], grad_seed: int = 1):
+def _forward_backward(fn, inputs: Dict[str, torch.Tensor], grad_seed: int = 1):
     """Output and the gradients of value, sampling_locations and attention_weights."""
     leaves = {k: v.detach().clone().requires_grad_(v.is_floating_point())
               for k, v in inputs.items()}
@@ -40,7 +45,7 @@ def forward_backward(fn, inputs: Dict[str, torch.Tensor], grad_seed: int = 1):
     return (out, *grads)
 
 
-def assert_close_relative(actual: torch.Tensor, expected: torch.Tensor, rtol: float, name: str):
+def _assert_close_relative(actual: torch.Tensor, expected: torch.Tensor, rtol: float, name: str):
     """Max abs error at most ``rtol`` times the largest magnitude of ``expected``.
 
     Per-element relative error is meaningless for the near-zero entries every such
@@ -51,3 +56,21 @@ def assert_close_relative(actual: torch.Tensor, expected: torch.Tensor, rtol: fl
     scale = expected.abs().max().clamp_min(1e-12)
     err = (actual.double() - expected).abs().max()
     assert err <= rtol * scale, f'{name}: max abs error {err:.3g} > {rtol} x scale {scale:.3g}'
+
+
+@pytest.fixture(scope='session')
+def make_inputs() -> Callable[..., Dict[str, torch.Tensor]]:
+    """The op's arguments: see :func:`_make_inputs`."""
+    return _make_inputs
+
+
+@pytest.fixture(scope='session')
+def forward_backward() -> Callable:
+    """Output and the three gradients of an implementation: see :func:`_forward_backward`."""
+    return _forward_backward
+
+
+@pytest.fixture(scope='session')
+def assert_close_relative() -> Callable:
+    """Max error against the expected tensor's scale: see :func:`_assert_close_relative`."""
+    return _assert_close_relative

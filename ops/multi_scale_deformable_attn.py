@@ -1,43 +1,37 @@
-"""The ``msda::forward`` custom operator and its Python entry point.
+"""The ``ddetr::multi_scale_deformable_attn`` operator and its Python entry point.
 
-The C++ extension (``ops._C``) defines the operator schema and its CPU and CUDA
-kernels. This module adds what torch needs around them: a fake (meta)
-implementation for torch.compile / torch.export, autograd, and autocast rules, and
-the public :func:`multi_scale_deformable_attn` that checks its arguments before
-any kernel sees them.
+The C++ extension (``ops._C``) defines the operator schema, its CPU and CUDA kernels
+and its autocast rule. This module adds what torch needs around them (a fake kernel
+for torch.compile / torch.export, autograd) and the public
+:func:`multi_scale_deformable_attn`, which checks its arguments before any kernel
+sees them.
 """
 import warnings
+
 import torch
 from torch import Tensor
 
-from .reference import multi_scale_deformable_attn_reference
+from .multi_scale_deformable_attn_pytorch import multi_scale_deformable_attn_pytorch
 
 try:
-    from . import _C  # noqa: F401  (registers torch.ops.msda.*)
-    EXTENSION_LOADED = True
+    from . import _C  # registers torch.ops.ddetr.*
 except ImportError as _err:  # not built: the pure-PyTorch path still works
-    EXTENSION_LOADED = False
+    _C = None
     warnings.warn(f'ops._C is not built ({_err}); multi_scale_deformable_attn falls back to '
                   'the pure-PyTorch implementation. Build it with `pip install -e . '
                   '--no-build-isolation`.')
 
-_FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-
-
-def _kernel_devices() -> frozenset:
-    if not EXTENSION_LOADED:
-        return frozenset()
-    return frozenset(device for device, key in (('cpu', 'CPU'), ('cuda', 'CUDA'))
-                     if torch._C._dispatch_has_kernel_for_dispatch_key('msda::forward', key))
-
-
-# Read once: a constant to torch.compile, where a dispatcher query would break the graph.
-_KERNEL_DEVICES = _kernel_devices()
+# Read once: a constant to torch.compile.
+_KERNEL_DEVICES = frozenset() if _C is None else frozenset(
+    ('cpu', 'cuda') if _C.with_cuda else ('cpu', ))
 
 
 def has_kernel(device_type: str) -> bool:
     """Whether the compiled extension has a kernel for ``device_type`` ('cpu', 'cuda')."""
     return device_type in _KERNEL_DEVICES
+
+
+_FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 def _check_shapes(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
@@ -156,22 +150,21 @@ def multi_scale_deformable_attn(value: Tensor, spatial_shapes: Tensor,
     if value.device.type == 'cpu' and not (tracing or torch.compiler.is_compiling()):
         _check_levels(value, spatial_shapes, level_start_index)
     if has_kernel(value.device.type):
-        return torch.ops.msda.forward(value, spatial_shapes, level_start_index,
-                                      sampling_locations, attention_weights)
-    return multi_scale_deformable_attn_reference(value, spatial_shapes, level_start_index,
-                                                 sampling_locations, attention_weights)
+        return torch.ops.ddetr.multi_scale_deformable_attn(
+            value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    return multi_scale_deformable_attn_pytorch(value, spatial_shapes, level_start_index,
+                                               sampling_locations, attention_weights)
 
 
-def _register() -> None:
-    """Fake kernels, autograd and autocast for the C++-defined ``msda`` operators."""
+if _C is not None:
 
-    @torch.library.register_fake('msda::forward')
+    @torch.library.register_fake('ddetr::multi_scale_deformable_attn')
     def _forward_fake(value, spatial_shapes, level_start_index, sampling_locations,
                       attention_weights):
         bs, _, heads, dim = value.shape
         return value.new_empty(bs, sampling_locations.shape[1], heads * dim)
 
-    @torch.library.register_fake('msda::backward')
+    @torch.library.register_fake('ddetr::_multi_scale_deformable_attn_backward')
     def _backward_fake(grad_output, value, spatial_shapes, level_start_index,
                        sampling_locations, attention_weights):
         return (torch.empty_like(value), torch.empty_like(sampling_locations),
@@ -182,38 +175,9 @@ def _register() -> None:
 
     def _backward(ctx, grad_output):
         value, shapes, starts, locations, weights = ctx.saved_tensors
-        grad_value, grad_loc, grad_attn = torch.ops.msda.backward(
+        grad_value, grad_loc, grad_attn = torch.ops.ddetr._multi_scale_deformable_attn_backward(
             grad_output.contiguous(), value, shapes, starts, locations, weights)
         return grad_value, None, None, grad_loc, grad_attn
 
-    torch.library.register_autograd('msda::forward', _backward, setup_context=_setup_context)
-    for device_type in ('cpu', 'cuda'):
-        _register_autocast(device_type)
-
-
-def _register_autocast(device_type: str) -> None:
-    """Runs the op in the autocast dtype of the moment (not one fixed at registration).
-
-    torch.library.register_autocast fixes the dtype when it is registered; autocast on
-    CUDA may be float16 or bfloat16, so this rule asks torch each call instead.
-    """
-    key = 'Autocast' + torch._C._dispatch_key_for_device(device_type)
-    dispatch_key = getattr(torch._C.DispatchKey, key)
-    op = torch.ops.msda.forward.default
-
-    def cast_and_call(value, spatial_shapes, level_start_index, sampling_locations,
-                      attention_weights):
-        dtype = torch.get_autocast_dtype(device_type)
-        # Like torch's own autocast casts: float64 stays float64.
-        cast = [t if t.dtype == torch.float64 else t.to(dtype)
-                for t in (value, sampling_locations, attention_weights)]
-        with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(dispatch_key)):
-            return op(cast[0], spatial_shapes, level_start_index, cast[1], cast[2])
-
-    op.py_impl(dispatch_key)(cast_and_call)  # used while tracing (torch.compile)
-    _LIB.impl('forward', lambda _keyset, *args: cast_and_call(*args), key, with_keyset=True)
-
-
-if EXTENSION_LOADED:
-    _LIB = torch.library.Library('msda', 'IMPL')
-    _register()
+    torch.library.register_autograd('ddetr::multi_scale_deformable_attn', _backward,
+                                    setup_context=_setup_context)

@@ -1,6 +1,6 @@
-"""Pure-PyTorch multi-scale deformable attention.
+"""Multi-scale deformable attention in plain PyTorch (mmcv's name for it: ``_pytorch``).
 
-The reference for the kernels' tests and the fallback on devices without a kernel.
+What the kernels' tests compare against, and the fallback on devices without a kernel.
 One ``grid_sample`` per level does the bilinear sampling (align_corners=False, zero
 padding); the weighted sum over levels and points is a single einsum.
 """
@@ -11,10 +11,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def multi_scale_deformable_attn_reference(value: Tensor, spatial_shapes: Tensor,
-                                          level_start_index: Tensor,
-                                          sampling_locations: Tensor,
-                                          attention_weights: Tensor) -> Tensor:
+def multi_scale_deformable_attn_pytorch(value: Tensor, spatial_shapes: Tensor,
+                                        level_start_index: Tensor, sampling_locations: Tensor,
+                                        attention_weights: Tensor) -> Tensor:
     """Multi-scale deformable attention written with ``grid_sample``.
 
     Shapes as in :func:`ops.multi_scale_deformable_attn`. ``level_start_index``

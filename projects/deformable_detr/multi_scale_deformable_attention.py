@@ -17,7 +17,14 @@ from .registry import MODELS
 
 @MODELS.register_module()
 class MultiScaleDeformableAttention(nn.Module):
-    """Multi-scale deformable attention; parameter names as mmcv's.
+    """Multi-scale deformable attention: the attention alone, no residual.
+
+    The parameters carry mmcv's ``MultiScaleDeformableAttention`` names, so that
+    mmdet's and the official checkpoints load as they are, but the module does less:
+    mmcv's adds the positional embedding, applies dropout and adds the residual
+    (``identity``) itself, where this one returns the attention's output only. The
+    encoder and decoder layers add the dropout and the residual, as the official code
+    does.
 
     Args:
         embed_dims: Channels of queries and values.

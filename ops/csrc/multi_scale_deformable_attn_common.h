@@ -13,7 +13,7 @@
 #define MSDA_HOST_DEVICE inline
 #endif
 
-namespace msda {
+namespace ddetr {
 
 // The four pixels one sampling point reads and the weights it reads them with.
 // Pixels outside the feature map get index -1 and are skipped by the callers: this is
@@ -69,4 +69,4 @@ MSDA_HOST_DEVICE BilinearTaps<acc_t> bilinear_taps(acc_t x, acc_t y, int64_t h, 
   return t;
 }
 
-}  // namespace msda
+}  // namespace ddetr

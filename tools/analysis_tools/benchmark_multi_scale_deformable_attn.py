@@ -4,8 +4,8 @@ Forward, and forward + backward, at the shapes Deformable DETR runs: the encoder
 512x512 and of an 800x1333 image (queries = keys, strides 8/16/32/64) and the 300
 decoder queries. On CPU mmcv has only its pure-PyTorch path; on a GPU its CUDA op too.
 
-    python tools/analysis_tools/benchmark_msda.py                       # CPU, float32
-    python tools/analysis_tools/benchmark_msda.py --device cuda --dtypes float32 float16 bfloat16
+    python tools/analysis_tools/benchmark_multi_scale_deformable_attn.py                       # CPU, float32
+    python tools/analysis_tools/benchmark_multi_scale_deformable_attn.py --device cuda --dtypes float32 float16 bfloat16
 """
 import argparse
 import math
@@ -78,21 +78,21 @@ def measure_bandwidth(device: str) -> float:
 def implementations(device: str) -> Dict[str, Callable]:
     impls = {'ours': multi_scale_deformable_attn}
     try:
-        from mmcv.ops import multi_scale_deform_attn as mmcv_msda
+        from mmcv.ops import multi_scale_deform_attn as mmcv_op
     except ImportError:
         return impls
 
     def mmcv_pytorch(value, spatial_shapes, level_start_index, sampling_locations,
                      attention_weights):
-        return mmcv_msda.multi_scale_deformable_attn_pytorch(
+        return mmcv_op.multi_scale_deformable_attn_pytorch(
             value, spatial_shapes, sampling_locations, attention_weights)
 
     def mmcv_cuda(value, spatial_shapes, level_start_index, sampling_locations,
                   attention_weights):
-        return mmcv_msda.MultiScaleDeformableAttnFunction.apply(
+        return mmcv_op.MultiScaleDeformableAttnFunction.apply(
             value, spatial_shapes, level_start_index, sampling_locations, attention_weights, 64)
 
-    if device == 'cuda' and hasattr(mmcv_msda.ext_module, 'ms_deform_attn_forward'):
+    if device == 'cuda' and hasattr(mmcv_op.ext_module, 'ms_deform_attn_forward'):
         impls['mmcv-cuda'] = mmcv_cuda
     impls['mmcv-pytorch'] = mmcv_pytorch
     return impls

@@ -1,13 +1,12 @@
-"""The CPU kernel against mmcv's pure-PyTorch path and our reference."""
+"""The CPU kernel against mmcv's pure-PyTorch path and ours."""
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from msda_cases import assert_close_relative, forward_backward, make_inputs
 
-from ops import has_kernel, multi_scale_deformable_attn, multi_scale_deformable_attn_reference
+from ops import has_kernel, multi_scale_deformable_attn, multi_scale_deformable_attn_pytorch
 
-mmcv_msda = pytest.importorskip('mmcv.ops.multi_scale_deform_attn')
+mmcv_op = pytest.importorskip('mmcv.ops.multi_scale_deform_attn')
 
 SHAPES = {
     'one_level_odd': [(7, 5)],
@@ -17,10 +16,10 @@ SHAPES = {
 NAMES = ('output', 'grad_value', 'grad_sampling_locations', 'grad_attention_weights')
 
 
-def mmcv_reference(value, spatial_shapes, level_start_index, sampling_locations,
-                   attention_weights):
-    return mmcv_msda.multi_scale_deformable_attn_pytorch(value, spatial_shapes,
-                                                         sampling_locations, attention_weights)
+def mmcv_pytorch(value, spatial_shapes, level_start_index, sampling_locations,
+                 attention_weights):
+    return mmcv_op.multi_scale_deformable_attn_pytorch(value, spatial_shapes,
+                                                       sampling_locations, attention_weights)
 
 
 def test_cpu_kernel_is_built():
@@ -30,20 +29,22 @@ def test_cpu_kernel_is_built():
 @pytest.mark.parametrize('shapes', SHAPES.values(), ids=SHAPES.keys())
 @pytest.mark.parametrize('heads', [1, 8])
 @pytest.mark.parametrize('dim', [4, 32, 33])
-def test_matches_mmcv_float32(shapes, heads, dim):
+def test_matches_mmcv_float32(shapes, heads, dim, make_inputs, forward_backward,
+                              assert_close_relative):
     inputs = make_inputs(shapes, bs=2, heads=heads, dim=dim, nq=13, points=4)
     ours = forward_backward(multi_scale_deformable_attn, inputs)
-    theirs = forward_backward(mmcv_reference, inputs)
+    theirs = forward_backward(mmcv_pytorch, inputs)
     for name, a, b in zip(NAMES, ours, theirs):
         assert a.dtype == torch.float32
         assert_close_relative(a, b, 1e-5, name)
 
 
-def test_matches_reference_float64_and_gradcheck():
+def test_matches_pytorch_float64_and_gradcheck(make_inputs, forward_backward,
+                                               assert_close_relative):
     inputs = make_inputs(SHAPES['non_square_odd'], bs=1, heads=2, dim=3, nq=4, points=2,
                          dtype=torch.float64)
     ours = forward_backward(multi_scale_deformable_attn, inputs)
-    ref = forward_backward(multi_scale_deformable_attn_reference, inputs)
+    ref = forward_backward(multi_scale_deformable_attn_pytorch, inputs)
     for name, a, b in zip(NAMES, ours, ref):
         assert_close_relative(a, b, 1e-12, name)
 
@@ -61,17 +62,18 @@ def test_matches_reference_float64_and_gradcheck():
     hw=st.lists(st.tuples(st.integers(1, 9), st.integers(1, 9)), min_size=1, max_size=4),
     bs=st.integers(1, 3), heads=st.integers(1, 4), dim=st.integers(1, 9),
     nq=st.integers(1, 7), points=st.integers(1, 5), seed=st.integers(0, 2**16))
-def test_fuzz_shapes_against_reference(hw, bs, heads, dim, nq, points, seed):
+def test_fuzz_shapes_against_pytorch(hw, bs, heads, dim, nq, points, seed, make_inputs,
+                                     forward_backward, assert_close_relative):
     inputs = make_inputs(hw, bs=bs, heads=heads, dim=dim, nq=nq, points=points,
                          dtype=torch.float64, outside=0.5, seed=seed)
     ours = forward_backward(multi_scale_deformable_attn, inputs)
-    ref = forward_backward(multi_scale_deformable_attn_reference, inputs)
+    ref = forward_backward(multi_scale_deformable_attn_pytorch, inputs)
     for name, a, b in zip(NAMES, ours, ref):
         assert a.shape == b.shape
         assert_close_relative(a, b, 1e-10, name)
 
 
-def test_locations_outside_contribute_zero():
+def test_locations_outside_contribute_zero(make_inputs, forward_backward):
     inputs = make_inputs(SHAPES['four_levels'], nq=5)
     loc = inputs['sampling_locations']
     # Each pixel covers [i, i + 1) / size, so locations beyond the map's edge by at
@@ -84,7 +86,7 @@ def test_locations_outside_contribute_zero():
         assert torch.count_nonzero(t) == 0
 
 
-def test_non_contiguous_inputs():
+def test_non_contiguous_inputs(make_inputs):
     inputs = make_inputs(SHAPES['non_square_odd'], heads=4, dim=8)
     expected = multi_scale_deformable_attn(**inputs)
     strided = dict(inputs)
@@ -97,7 +99,7 @@ def test_non_contiguous_inputs():
     torch.testing.assert_close(multi_scale_deformable_attn(**strided), expected)
 
 
-def test_int32_level_tensors_accepted():
+def test_int32_level_tensors_accepted(make_inputs):
     inputs = make_inputs(SHAPES['four_levels'], nq=3)
     expected = multi_scale_deformable_attn(**inputs)
     inputs['spatial_shapes'] = inputs['spatial_shapes'].int()
@@ -105,7 +107,7 @@ def test_int32_level_tensors_accepted():
     torch.testing.assert_close(multi_scale_deformable_attn(**inputs), expected)
 
 
-def test_bfloat16_accumulates_in_float32():
+def test_bfloat16_accumulates_in_float32(make_inputs, forward_backward, assert_close_relative):
     inputs = make_inputs(SHAPES['four_levels'], nq=9)
     bf16 = {k: v.bfloat16() if v.is_floating_point() else v for k, v in inputs.items()}
     # The float32 result on the bfloat16-rounded inputs isolates the kernel's own error.
@@ -119,7 +121,7 @@ def test_bfloat16_accumulates_in_float32():
         assert_close_relative(a, b, 2e-2, name)
 
 
-def test_autocast_cpu_runs_in_bfloat16():
+def test_autocast_cpu_runs_in_bfloat16(make_inputs, forward_backward, assert_close_relative):
     inputs = make_inputs(SHAPES['four_levels'], nq=9)
     # What a layer hands the op under autocast: bfloat16 value and locations from the
     # linear projections, float32 softmax weights.
@@ -139,7 +141,8 @@ def test_autocast_cpu_runs_in_bfloat16():
 
 
 @pytest.mark.parametrize('backend', ['aot_eager', 'inductor'])
-def test_torch_compile_fullgraph(backend):
+def test_torch_compile_fullgraph(backend, make_inputs, forward_backward,
+                                 assert_close_relative):
     inputs = make_inputs(SHAPES['non_square_odd'], heads=2, dim=8, nq=5)
     torch._dynamo.reset()
     compiled = torch.compile(multi_scale_deformable_attn, fullgraph=True, backend=backend)
@@ -149,10 +152,10 @@ def test_torch_compile_fullgraph(backend):
         assert_close_relative(a, b, 1e-6, name)
 
 
-def test_fake_tensor_shapes():
+def test_fake_tensor_shapes(make_inputs):
     from torch._subclasses.fake_tensor import FakeTensorMode
     inputs = make_inputs(SHAPES['four_levels'], bs=3, heads=4, dim=16, nq=7)
     with FakeTensorMode() as mode:
         fake = {k: mode.from_tensor(v) for k, v in inputs.items()}
-        out = torch.ops.msda.forward(**fake)
+        out = torch.ops.ddetr.multi_scale_deformable_attn(**fake)
     assert out.shape == (3, 7, 64)

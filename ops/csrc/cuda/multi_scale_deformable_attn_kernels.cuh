@@ -17,9 +17,9 @@
 
 #include <cstdint>
 
-#include "../ms_deform_attn_common.h"
+#include "../multi_scale_deformable_attn_common.h"
 
-namespace msda {
+namespace ddetr {
 namespace cuda {
 
 struct KernelSizes {
@@ -272,4 +272,4 @@ cudaError_t launch_backward(const KernelSizes& s, bool vectorised, const scalar_
 }
 
 }  // namespace cuda
-}  // namespace msda
+}  // namespace ddetr

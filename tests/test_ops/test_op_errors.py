@@ -1,14 +1,13 @@
 """Bad arguments get a ValueError or TypeError that names what is wrong."""
 import pytest
 import torch
-from msda_cases import make_inputs
 
 from ops import multi_scale_deformable_attn
 
 SHAPES = [(6, 5), (3, 3), (2, 1)]
 
 
-def call(**changes):
+def call(make_inputs, **changes):
     inputs = make_inputs(SHAPES, bs=2, heads=4, dim=8, nq=5, points=3)
     inputs.update({k: v(inputs) if callable(v) else v for k, v in changes.items()})
     return multi_scale_deformable_attn(**inputs)
@@ -57,24 +56,25 @@ CASES = {
 
 
 @pytest.mark.parametrize('case', CASES.values(), ids=CASES.keys())
-def test_bad_input_is_named(case):
+def test_bad_input_is_named(case, make_inputs):
     error, message, changes = case
     with pytest.raises(error, match=message):
-        call(**changes)
+        call(make_inputs, **changes)
 
 
-def test_kernel_guards_direct_calls():
-    """torch.ops.msda.* bypasses the Python checks: the kernel's own checks still hold."""
+def test_kernel_guards_direct_calls(make_inputs):
+    """torch.ops.ddetr.* bypasses the Python checks: the kernel's own checks still hold."""
     inputs = make_inputs(SHAPES, heads=4, dim=8, nq=5, points=3)
     bad = dict(inputs, attention_weights=inputs['attention_weights'][:, :, :2])
     with pytest.raises(ValueError, match='attention_weights'):
-        torch.ops.msda.forward(*bad.values())
+        torch.ops.ddetr.multi_scale_deformable_attn(*bad.values())
 
 
-def test_kernel_never_reads_outside_value():
+def test_kernel_never_reads_outside_value(make_inputs):
     """Level shapes larger than value (unchecked on GPUs) only drop the keys past the end."""
     inputs = make_inputs(SHAPES, heads=4, dim=8, nq=5, points=3)
     shapes = torch.tensor([[6, 5], [3, 3], [50, 50]])
-    out = torch.ops.msda.forward(inputs['value'], shapes, inputs['level_start_index'],
-                                 inputs['sampling_locations'], inputs['attention_weights'])
+    out = torch.ops.ddetr.multi_scale_deformable_attn(
+        inputs['value'], shapes, inputs['level_start_index'], inputs['sampling_locations'],
+        inputs['attention_weights'])
     assert torch.isfinite(out).all()

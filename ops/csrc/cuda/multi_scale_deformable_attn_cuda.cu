@@ -6,10 +6,10 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include "../ms_deform_attn_shapes.h"
-#include "ms_deform_attn_kernels.cuh"
+#include "../multi_scale_deformable_attn_shapes.h"
+#include "multi_scale_deformable_attn_kernels.cuh"
 
-namespace msda {
+namespace ddetr {
 namespace {
 
 // torch's half types and CUDA's share their bit layout.
@@ -50,7 +50,7 @@ bool can_vectorise(int64_t dim, at::ScalarType dtype, std::initializer_list<cons
 }
 
 void check_launch(cudaError_t err) {
-  TORCH_CHECK(err == cudaSuccess, "msda CUDA kernel launch failed: ", cudaGetErrorString(err));
+  TORCH_CHECK(err == cudaSuccess, "multi_scale_deformable_attn CUDA kernel launch failed: ", cudaGetErrorString(err));
 }
 
 at::Tensor forward_cuda(const at::Tensor& value_in, const at::Tensor& spatial_shapes_in,
@@ -63,7 +63,7 @@ at::Tensor forward_cuda(const at::Tensor& value_in, const at::Tensor& spatial_sh
   auto out = at::empty({s.bs, s.nq, s.heads * s.dim}, value.options());
   const bool vec = can_vectorise(s.dim, value.scalar_type(), {&value, &out});
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "msda_forward_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "multi_scale_deformable_attn_cuda", [&] {
     check_launch(cuda::launch_forward(kernel_sizes(s), vec, cuda_ptr<scalar_t>(value),
                                       shapes.const_data_ptr<int64_t>(),
                                       starts.const_data_ptr<int64_t>(), cuda_ptr<scalar_t>(loc),
@@ -88,7 +88,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
   auto grad_attn = at::empty_like(attn);
   const bool vec = can_vectorise(s.dim, value.scalar_type(), {&value, &grad_out});
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "msda_backward_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "multi_scale_deformable_attn_backward_cuda", [&] {
     using acc_t = typename cuda::Acc<typename CudaType<scalar_t>::type>::type;
     check_launch(cuda::launch_backward(
         kernel_sizes(s), vec, cuda_ptr<scalar_t>(grad_out), cuda_ptr<scalar_t>(value),
@@ -101,9 +101,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(msda, CUDA, m) {
-  m.impl("forward", &forward_cuda);
-  m.impl("backward", &backward_cuda);
+TORCH_LIBRARY_IMPL(ddetr, CUDA, m) {
+  m.impl("multi_scale_deformable_attn", &forward_cuda);
+  m.impl("_multi_scale_deformable_attn_backward", &backward_cuda);
 }
 
-}  // namespace msda
+}  // namespace ddetr

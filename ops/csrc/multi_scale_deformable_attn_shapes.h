@@ -1,14 +1,14 @@
 // Size checks shared by the CPU and CUDA launchers.
 //
 // The Python entry point (ops.multi_scale_deformable_attn) gives the friendly messages;
-// these checks are the kernels' own guard for anyone calling torch.ops.msda.* directly:
+// these checks are the kernels' own guard for anyone calling torch.ops.ddetr.* directly:
 // nothing with inconsistent sizes reaches a kernel.
 #pragma once
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
-namespace msda {
+namespace ddetr {
 
 struct Sizes {
   int64_t bs, num_keys, heads, dim, nq, levels, points;
@@ -57,4 +57,4 @@ inline void check_grad_output(const at::Tensor& grad_out, const Sizes& s, const 
                    "grad_output must match value's dtype and device");
 }
 
-}  // namespace msda
+}  // namespace ddetr

@@ -11,10 +11,10 @@
 
 #include <vector>
 
-#include "../ms_deform_attn_common.h"
-#include "../ms_deform_attn_shapes.h"
+#include "../multi_scale_deformable_attn_common.h"
+#include "../multi_scale_deformable_attn_shapes.h"
 
-namespace msda {
+namespace ddetr {
 namespace {
 
 // The hot loops are compiled twice, for AVX2 + FMA and for baseline x86-64, and the
@@ -134,7 +134,7 @@ at::Tensor forward_cpu(const at::Tensor& value_in, const at::Tensor& spatial_sha
   const auto value = value_in.contiguous(), loc = loc_in.contiguous(), attn = attn_in.contiguous();
   const auto shapes = spatial_shapes_in.contiguous(), starts = level_start_index_in.contiguous();
   auto out = at::empty({s.bs, s.nq, s.heads * s.dim}, value.options());
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, value.scalar_type(), "msda_forward_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, value.scalar_type(), "multi_scale_deformable_attn_cpu", [&] {
     const auto in = inputs_of<scalar_t>(value, shapes, starts, loc, attn);
     scalar_t* out_ptr = out.mutable_data_ptr<scalar_t>();
     // A (batch, query) row costs heads * levels * points * 4 * dim multiply-adds.
@@ -158,7 +158,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
   auto grad_value = at::zeros(value.sizes(), value.options().dtype(acc_type));
   auto grad_loc = at::empty_like(loc);
   auto grad_attn = at::empty_like(attn);
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, value.scalar_type(), "msda_backward_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, value.scalar_type(), "multi_scale_deformable_attn_backward_cpu", [&] {
     const auto in = inputs_of<scalar_t>(value, shapes, starts, loc, attn);
     const scalar_t* go = grad_out.const_data_ptr<scalar_t>();
     auto* gv = grad_value.mutable_data_ptr<at::opmath_type<scalar_t>>();
@@ -173,9 +173,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(msda, CPU, m) {
-  m.impl("forward", &forward_cpu);
-  m.impl("backward", &backward_cpu);
+TORCH_LIBRARY_IMPL(ddetr, CPU, m) {
+  m.impl("multi_scale_deformable_attn", &forward_cpu);
+  m.impl("_multi_scale_deformable_attn_backward", &backward_cpu);
 }
 
-}  // namespace msda
+}  // namespace ddetr

@@ -3,4 +3,4 @@ _base_ = './deformable-detr_r50_16xb2-50e_coco.py'
 model = dict(
     num_feature_levels=1,
     backbone=dict(out_indices=(3, )),
-    neck=dict(in_channels=[2048], num_outs=1))
+    neck=dict(in_channels=[2048]))

@@ -5,7 +5,9 @@ _base_ = [
 ]
 
 # The transformer's layers: d=256, 8 heads, K=4 points per head and level,
-# FFN 1024, dropout 0.1.
+# FFN 1024, dropout 0.1. The detector derives every other width from embed_dims (the
+# neck's out_channels, the positional encoding's num_feats, the head's embed_dims) and
+# the neck's num_outs from num_feature_levels.
 transformer_layers = dict(
     num_layers=6, embed_dims=256, num_heads=8, num_points=4, feedforward_channels=1024,
     dropout=0.1)
@@ -40,18 +42,15 @@ model = dict(
         type='ChannelMapper',
         in_channels=[512, 1024, 2048],
         kernel_size=1,
-        out_channels=256,
         act_cfg=None,
         norm_cfg=dict(type='GN', num_groups=32),
-        bias=True,
-        num_outs=4),
+        bias=True),
     encoder=transformer_layers,
     decoder=transformer_layers,
-    positional_encoding=dict(num_feats=128, normalize=True, offset=-0.5),
+    positional_encoding=dict(normalize=True, offset=-0.5),
     bbox_head=dict(
         type='ddetr.DeformableDETRHead',
         num_classes=80,
-        embed_dims=256,
         sync_cls_avg_factor=True,
         loss_cls=dict(type='FocalLoss', use_sigmoid=True, gamma=2.0, alpha=0.25,
                       loss_weight=2.0),

@@ -42,17 +42,16 @@ model = dict(
         type='ChannelMapper',
         in_channels=[64, 128, 256],
         kernel_size=1,
-        out_channels=embed_dims,
         act_cfg=None,
-        norm_cfg=dict(type='GN', num_groups=32),
-        num_outs=num_levels),  # + one stride-64 level from a 3x3 stride-2 conv
+        # out_channels (embed_dims) and num_outs (num_levels: + one stride-64 level
+        # from a 3x3 stride-2 conv) are derived by the detector
+        norm_cfg=dict(type='GN', num_groups=32)),
     encoder=transformer_layers,
     decoder=dict(transformer_layers, num_layers=3),
-    positional_encoding=dict(num_feats=embed_dims // 2, normalize=True, offset=-0.5),
+    positional_encoding=dict(normalize=True, offset=-0.5),
     bbox_head=dict(
         type='ddetr.DeformableDETRHead',
         num_classes=5,
-        embed_dims=embed_dims,
         sync_cls_avg_factor=True,
         loss_cls=dict(type='FocalLoss', use_sigmoid=True, gamma=2.0, alpha=0.25,
                       loss_weight=2.0),

@@ -16,7 +16,8 @@ class SetCriterion(nn.Module):
 
     Every loss is normalised by the number of ground-truth boxes, averaged over
     all processes under DDP, so that each box weighs the same whatever the
-    distribution of boxes across GPUs.
+    distribution of boxes across GPUs (the classification loss by this process's
+    own count when ``sync_cls_avg_factor`` is False, as in mmdet).
 
     Args:
         num_classes: Object classes (no background class: sigmoid focal).
@@ -24,31 +25,37 @@ class SetCriterion(nn.Module):
         loss_cls: Config of the classification loss (mmdet's ``FocalLoss``).
         loss_bbox: Config of the box regression loss (mmdet's ``L1Loss``).
         loss_iou: Config of the IoU loss (mmdet's ``GIoULoss``).
+        sync_cls_avg_factor: Average the classification loss's normaliser over
+            processes too.
     """
 
     def __init__(self, num_classes: int, assigner: dict = dict(type='HungarianAssigner'),
                  loss_cls: dict = dict(type='FocalLoss', use_sigmoid=True, gamma=2.0,
                                        alpha=0.25, loss_weight=2.0),
                  loss_bbox: dict = dict(type='L1Loss', loss_weight=5.0),
-                 loss_iou: dict = dict(type='GIoULoss', loss_weight=2.0)) -> None:
+                 loss_iou: dict = dict(type='GIoULoss', loss_weight=2.0),
+                 sync_cls_avg_factor: bool = True) -> None:
         super().__init__()
         self.num_classes = num_classes
+        self.sync_cls_avg_factor = sync_cls_avg_factor
         self.assigner = TASK_UTILS.build(assigner)
         self.loss_cls = MODELS.build(loss_cls)
         self.loss_bbox = MODELS.build(loss_bbox)
         self.loss_iou = MODELS.build(loss_iou)
 
     @staticmethod
-    def num_boxes(batch_gt_instances: Sequence[InstanceData], device: torch.device) -> float:
-        """Ground-truth boxes per process, averaged over processes, at least 1."""
+    def num_boxes(batch_gt_instances: Sequence[InstanceData], device: torch.device,
+                  average: bool = True) -> float:
+        """Ground-truth boxes of this process (averaged over processes), at least 1."""
         num = torch.tensor(float(sum(len(gt) for gt in batch_gt_instances)), device=device)
-        all_reduce(num, op='mean')  # a no-op outside distributed training
+        if average:
+            all_reduce(num, op='mean')  # a no-op outside distributed training
         return max(num.item(), 1.0)
 
     def loss_single(self, cls_logits: Tensor, boxes: Tensor,
                     batch_gt_instances: Sequence[InstanceData],
-                    img_sizes: Sequence[Tuple[int, int]], num_boxes: float
-                    ) -> Tuple[Tensor, Tensor, Tensor]:
+                    img_sizes: Sequence[Tuple[int, int]], num_boxes: float,
+                    cls_avg_factor: float) -> Tuple[Tensor, Tensor, Tensor]:
         """Losses of one set of predictions.
 
         Args:
@@ -56,7 +63,8 @@ class SetCriterion(nn.Module):
             boxes: (bs, nq, 4) normalised (cx, cy, w, h).
             batch_gt_instances: per image ``labels`` and ``bboxes`` (pixel xyxy).
             img_sizes: per image (h, w), the frame boxes are normalised to.
-            num_boxes: normaliser.
+            num_boxes: normaliser of the box losses.
+            cls_avg_factor: normaliser of the classification loss.
 
         Returns:
             Classification, L1 and IoU losses.
@@ -78,7 +86,7 @@ class SetCriterion(nn.Module):
             factors.append(factor.expand(len(gt_idx), 4))
         # Unmatched queries are trained towards "no object" (label num_classes).
         loss_cls = self.loss_cls(cls_logits.reshape(bs * nq, -1), labels.flatten(),
-                                 avg_factor=num_boxes)
+                                 avg_factor=cls_avg_factor)
         pred = boxes.reshape(bs * nq, 4)[torch.cat(pred_idx)]
         target = torch.cat(matched_targets)
         factor = torch.cat(factors)
@@ -107,7 +115,10 @@ class SetCriterion(nn.Module):
         """
         img_sizes = [tuple(meta['img_shape'][:2]) for meta in batch_img_metas]
         num_boxes = self.num_boxes(batch_gt_instances, all_cls_logits.device)
-        per_layer = [self.loss_single(cls, boxes, batch_gt_instances, img_sizes, num_boxes)
+        cls_avg_factor = num_boxes if self.sync_cls_avg_factor else self.num_boxes(
+            batch_gt_instances, all_cls_logits.device, average=False)
+        per_layer = [self.loss_single(cls, boxes, batch_gt_instances, img_sizes, num_boxes,
+                                      cls_avg_factor)
                      for cls, boxes in zip(all_cls_logits, all_boxes)]
         # mmdet's order (last layer first): summed totals then add up in the same order.
         *aux, last = per_layer
@@ -120,6 +131,6 @@ class SetCriterion(nn.Module):
             agnostic = [InstanceData(bboxes=gt.bboxes, labels=torch.zeros_like(gt.labels))
                         for gt in batch_gt_instances]
             cls, bbox, iou = self.loss_single(enc_cls_logits, enc_boxes, agnostic, img_sizes,
-                                              num_boxes)
+                                              num_boxes, cls_avg_factor)
             losses.update(enc_loss_cls=cls, enc_loss_bbox=bbox, enc_loss_iou=iou)
         return losses

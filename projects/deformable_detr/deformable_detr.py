@@ -1,5 +1,11 @@
-"""The Deformable DETR detector: backbone, neck, deformable transformer, head."""
-from typing import Dict, Optional, Tuple
+"""The Deformable DETR detector: backbone, neck, deformable transformer, head.
+
+The transformer runs in the four stages MMDetection's DETRs name: ``pre_transformer``
+(flatten the levels, masks, positions), ``forward_encoder``, ``pre_decoder`` (the
+queries: learnt, or the two-stage encoder proposals) and ``forward_decoder``.
+"""
+import math
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from mmdet.models.detectors.base import BaseDetector
@@ -8,8 +14,19 @@ from torch import Tensor, nn
 
 from .multi_scale_deformable_attention import MultiScaleDeformableAttention
 from .registry import MODELS
-from .transformer import (DeformableDecoder, DeformableEncoder, encoder_output_proposals,
-                          flatten_levels, padding_masks, proposal_pos_embed)
+from .transformer import (DEFAULT_EMBED_DIMS, DeformableDecoder, DeformableEncoder, flatten_levels,
+                          padding_masks)
+
+
+def derived(cfg: dict, key: str, value: Any, why: str) -> dict:
+    """``cfg`` with ``key`` set to ``value``; a config that sets it otherwise is an error.
+
+    For the dimensions and flags the detector owns: each is set once, in one place.
+    """
+    if key in cfg and cfg[key] != value:
+        raise ValueError(f'{cfg.get("type", "config")}: {key}={cfg[key]!r} contradicts '
+                         f'{why} ({value!r}); leave {key} out, the detector sets it')
+    return dict(cfg, **{key: value})
 
 
 @MODELS.register_module()
@@ -18,12 +35,17 @@ class DeformableDETR(BaseDetector):
 
     The state dict matches mmdet 3.3's ``DeformableDETR`` key for key.
 
+    The transformer's width (``embed_dims`` of the encoder and decoder) is set once: the
+    neck's ``out_channels``, the positional encoding's ``num_feats`` and the head's
+    ``embed_dims`` are derived from it, as are the neck's ``num_outs`` (from
+    ``num_feature_levels``) and the head's branch layout. A config that contradicts
+    them is refused.
+
     Args:
         backbone: Backbone config (mmdet's ``ResNet``).
-        bbox_head: Head config (``ddetr.DeformableDETRHead``); the detector sets
-            its ``num_pred_layer``, ``share_pred_layer`` and ``as_two_stage``.
+        bbox_head: Head config (``ddetr.DeformableDETRHead``).
         neck: Neck config mapping the backbone levels to ``num_feature_levels``
-            maps of ``embed_dims`` channels (mmdet's ``ChannelMapper``).
+            maps (mmdet's ``ChannelMapper``); None if the backbone does it.
         encoder: :class:`DeformableEncoder` arguments: ``num_layers``,
             ``embed_dims``, ``num_heads``, ``num_points``,
             ``feedforward_channels``, ``dropout``.
@@ -53,14 +75,26 @@ class DeformableDETR(BaseDetector):
         self.with_box_refine, self.as_two_stage = with_box_refine, as_two_stage
         self.train_cfg, self.test_cfg = train_cfg, test_cfg
 
+        encoder, decoder = dict(encoder or {}), dict(decoder or {})
+        # The width everything else is derived from; read before anything is built, so
+        # that modules are built (and draw their initial weights) in a fixed order.
+        dims = self.embed_dims = encoder.get('embed_dims', DEFAULT_EMBED_DIMS)
+        if decoder.get('embed_dims', DEFAULT_EMBED_DIMS) != dims:
+            raise ValueError(f"encoder embed_dims ({dims}) and decoder embed_dims "
+                             f"({decoder.get('embed_dims', DEFAULT_EMBED_DIMS)}) must be equal")
         self.backbone = MODELS.build(backbone)
-        self.neck = MODELS.build(neck) if neck is not None else None
-        self.encoder = DeformableEncoder(num_levels=num_feature_levels, **(encoder or {}))
-        self.decoder = DeformableDecoder(num_levels=num_feature_levels, **(decoder or {}))
-        dims = self.embed_dims = self.encoder.embed_dims
-        self.positional_encoding = MODELS.build({
-            'type': 'SinePositionalEncoding', 'num_feats': dims // 2, 'normalize': True,
-            'offset': -0.5, **(positional_encoding or {})})
+        self.neck = None
+        if neck is not None:
+            neck = derived(neck, 'out_channels', dims, "the transformer's embed_dims")
+            if 'num_outs' in neck or neck['type'] in ('ChannelMapper', 'mmdet.ChannelMapper'):
+                neck = derived(neck, 'num_outs', num_feature_levels, 'num_feature_levels')
+            self.neck = MODELS.build(neck)
+        self.encoder = DeformableEncoder(num_levels=num_feature_levels, **encoder)
+        self.decoder = DeformableDecoder(num_levels=num_feature_levels, **decoder)
+        self.positional_encoding = MODELS.build(derived(
+            {'type': 'SinePositionalEncoding', 'normalize': True, 'offset': -0.5,
+             **(positional_encoding or {})},
+            'num_feats', dims // 2, 'half the transformer\'s embed_dims'))
         self.level_embed = nn.Parameter(torch.randn(num_feature_levels, dims))
         if as_two_stage:
             self.memory_trans_fc = nn.Linear(dims, dims)
@@ -73,11 +107,12 @@ class DeformableDETR(BaseDetector):
             self.reference_points_fc = nn.Linear(dims, 2)
         # One branch per decoder layer (+1 scoring the encoder proposals when
         # two-stage); all layers share one branch unless boxes are refined.
-        num_layers = self.decoder.num_layers
-        self.bbox_head = MODELS.build(dict(
-            bbox_head, num_pred_layer=num_layers + int(as_two_stage),
-            share_pred_layer=not with_box_refine, as_two_stage=as_two_stage,
-            train_cfg=train_cfg, test_cfg=test_cfg))
+        head = derived(bbox_head, 'embed_dims', dims, 'the transformer\'s embed_dims')
+        head = derived(head, 'num_pred_layer', self.decoder.num_layers + int(as_two_stage),
+                       'the decoder layers (+1 when two-stage)')
+        head = derived(head, 'share_pred_layer', not with_box_refine, 'not with_box_refine')
+        head = derived(head, 'as_two_stage', as_two_stage, 'as_two_stage')
+        self.bbox_head = MODELS.build(dict(head, train_cfg=train_cfg, test_cfg=test_cfg))
 
     def init_weights(self) -> None:
         """The paper's init; backbone, neck and head through their own."""
@@ -101,6 +136,10 @@ class DeformableDETR(BaseDetector):
         feats = self.backbone(batch_inputs)
         return self.neck(feats) if self.neck is not None else feats
 
+    # ------------------------------------------------------------------------------
+    # The transformer, stage by stage
+    # ------------------------------------------------------------------------------
+
     def forward_transformer(self, feats: Tuple[Tensor, ...],
                             batch_data_samples: OptSampleList = None) -> Dict:
         """Encoder, query selection and decoder.
@@ -108,6 +147,22 @@ class DeformableDETR(BaseDetector):
         Returns:
             dict of the head's inputs: ``hidden_states``, ``references`` and, for
             two-stage, ``enc_outputs_class`` / ``enc_outputs_coord`` (else None).
+        """
+        levels = self.pre_transformer(feats, batch_data_samples)
+        memory = self.forward_encoder(levels)
+        query, query_pos, reference_points, enc_outputs = self.pre_decoder(memory, levels)
+        hidden_states, references = self.forward_decoder(query, query_pos, reference_points,
+                                                         memory, levels)
+        return dict(hidden_states=hidden_states, references=references, **enc_outputs)
+
+    def pre_transformer(self, feats: Tuple[Tensor, ...],
+                        batch_data_samples: OptSampleList = None) -> Dict[str, Tensor]:
+        """The levels as one sequence, with positions, padding masks and valid ratios.
+
+        Returns:
+            dict of ``feat`` (bs, N, C), ``feat_pos`` (position + level embedding),
+            ``mask`` (bs, N) or None, ``spatial_shapes`` (L, 2), ``level_start_index``
+            (L,) and ``valid_ratios`` (bs, L, 2).
         """
         masks = None
         if batch_data_samples is not None:
@@ -119,40 +174,60 @@ class DeformableDETR(BaseDetector):
             pos = [self.positional_encoding(None, input=f) for f in feats]
         else:
             pos = [self.positional_encoding(m) for m in masks]
-        inputs = flatten_levels(feats, pos, self.level_embed, masks)
-        memory = self.encoder(**inputs)
-        mask = inputs['mask']
+        return flatten_levels(feats, pos, self.level_embed, masks)
 
+    def forward_encoder(self, levels: Dict[str, Tensor]) -> Tensor:
+        """The encoder's output, the memory: (bs, N, C)."""
+        return self.encoder(**levels)
+
+    def pre_decoder(self, memory: Tensor, levels: Dict[str, Tensor]
+                    ) -> Tuple[Tensor, Tensor, Tensor, Dict[str, Optional[Tensor]]]:
+        """The decoder's queries and their initial references.
+
+        Learnt queries start from points predicted from their positional half. Two-stage
+        scores every encoder pixel as a proposal with the head's extra branch; the top
+        ``num_queries`` boxes become the references, and their sine embeddings the
+        queries.
+
+        Returns:
+            query and query_pos (bs, nq, C), reference points (bs, nq, 2) or boxes
+            (bs, nq, 4), and the encoder's proposal logits and boxes for the loss
+            (``enc_outputs_class``, ``enc_outputs_coord``; None unless two-stage).
+        """
         bs, dims = memory.shape[0], self.embed_dims
-        enc_class = enc_coord = None
-        if self.as_two_stage:
-            # Score every encoder pixel as a proposal with the extra head branch;
-            # the top-k boxes become the queries' reference boxes and positions.
-            out_memory, proposals = encoder_output_proposals(memory, mask,
-                                                             inputs['spatial_shapes'])
-            out_memory = self.memory_trans_norm(self.memory_trans_fc(out_memory))
-            last = self.decoder.num_layers
-            enc_class = self.bbox_head.cls_branches[last](out_memory)
-            enc_coord_logit = self.bbox_head.reg_branches[last](out_memory) + proposals
-            enc_coord = enc_coord_logit.sigmoid()
-            # Class-agnostic: only the first class channel scores proposals.
-            topk = enc_class[..., 0].topk(self.num_queries, dim=1)[1]
-            topk_logit = enc_coord_logit.gather(1, topk[..., None].expand(-1, -1, 4)).detach()
-            reference_points = topk_logit.sigmoid()
-            pos_trans = self.pos_trans_fc(proposal_pos_embed(topk_logit, dims // 2))
-            query_pos, query = self.pos_trans_norm(pos_trans).split(dims, -1)
-        else:
+        if not self.as_two_stage:
             query_pos, query = self.query_embedding.weight.split(dims, -1)
             query_pos = query_pos[None].expand(bs, -1, -1)
             query = query[None].expand(bs, -1, -1)
             reference_points = self.reference_points_fc(query_pos).sigmoid()
+            return query, query_pos, reference_points, dict(enc_outputs_class=None,
+                                                            enc_outputs_coord=None)
+        out_memory, proposals = encoder_proposals(memory, levels['mask'],
+                                                  levels['spatial_shapes'])
+        out_memory = self.memory_trans_norm(self.memory_trans_fc(out_memory))
+        last = self.decoder.num_layers  # the head's extra branch
+        enc_class = self.bbox_head.cls_branches[last](out_memory)
+        enc_coord_logit = self.bbox_head.reg_branches[last](out_memory) + proposals
+        # Class-agnostic: only the first class channel scores proposals.
+        topk = enc_class[..., 0].topk(self.num_queries, dim=1)[1]
+        topk_logit = enc_coord_logit.gather(1, topk[..., None].expand(-1, -1, 4)).detach()
+        pos_trans = self.pos_trans_fc(proposal_pos_embed(topk_logit, dims // 2))
+        query_pos, query = self.pos_trans_norm(pos_trans).split(dims, -1)
+        return query, query_pos, topk_logit.sigmoid(), dict(
+            enc_outputs_class=enc_class, enc_outputs_coord=enc_coord_logit.sigmoid())
 
-        hidden_states, references = self.decoder(
-            query, query_pos, memory, mask, reference_points, inputs['spatial_shapes'],
-            inputs['level_start_index'], inputs['valid_ratios'],
+    def forward_decoder(self, query: Tensor, query_pos: Tensor, reference_points: Tensor,
+                        memory: Tensor, levels: Dict[str, Tensor]):
+        """Every decoder layer's output (num_layers, bs, nq, C) and the references
+        (the initial one, then each layer's)."""
+        return self.decoder(
+            query, query_pos, memory, levels['mask'], reference_points,
+            levels['spatial_shapes'], levels['level_start_index'], levels['valid_ratios'],
             reg_branches=self.bbox_head.reg_branches if self.with_box_refine else None)
-        return dict(hidden_states=hidden_states, references=references,
-                    enc_outputs_class=enc_class, enc_outputs_coord=enc_coord)
+
+    # ------------------------------------------------------------------------------
+    # MMDetection's three modes
+    # ------------------------------------------------------------------------------
 
     def loss(self, batch_inputs: Tensor, batch_data_samples: SampleList) -> Dict[str, Tensor]:
         """Losses of a batch (``mode='loss'``)."""
@@ -172,3 +247,52 @@ class DeformableDETR(BaseDetector):
         """Raw logits and boxes of every decoder layer (``mode='tensor'``)."""
         outs = self.forward_transformer(self.extract_feat(batch_inputs), batch_data_samples)
         return self.bbox_head(outs['hidden_states'], outs['references'])
+
+
+# ----------------------------------------------------------------------------------
+# Two-stage: proposals from the encoder output
+# ----------------------------------------------------------------------------------
+
+
+def encoder_proposals(memory: Tensor, mask: Optional[Tensor], spatial_shapes: Tensor
+                      ) -> Tuple[Tensor, Tensor]:
+    """One proposal per pixel: its centre, a size of 0.05 * 2**level.
+
+    Returns:
+        memory with padded / border pixels zeroed, (bs, N, C), and the proposals
+        in inverse-sigmoid space (bs, N, 4), +inf where a proposal is invalid
+        (padding, or too close to the border) so that it can never be chosen.
+    """
+    bs = memory.shape[0]
+    proposals, start = [], 0
+    for lvl, (h, w) in enumerate(spatial_shapes.tolist()):
+        if mask is not None:
+            level_mask = mask[:, start:start + h * w].view(bs, h, w)
+            size = torch.stack([(~level_mask[:, 0, :]).sum(1), (~level_mask[:, :, 0]).sum(1)],
+                               -1).view(bs, 1, 1, 2)
+        else:
+            size = memory.new_tensor([w, h]).view(1, 1, 1, 2)
+        grid_y, grid_x = torch.meshgrid(
+            torch.linspace(0, h - 1, h, device=memory.device),
+            torch.linspace(0, w - 1, w, device=memory.device), indexing='ij')
+        grid = torch.stack([grid_x, grid_y], -1)
+        grid = (grid[None].expand(bs, -1, -1, -1) + 0.5) / size
+        wh = torch.full_like(grid, 0.05 * 2.0**lvl)
+        proposals.append(torch.cat((grid, wh), -1).view(bs, -1, 4))
+        start += h * w
+    proposals = torch.cat(proposals, 1)
+    valid = ((proposals > 0.01) & (proposals < 0.99)).all(-1, keepdim=True)
+    proposals = torch.log(proposals / (1 - proposals))
+    invalid = ~valid if mask is None else (~valid | mask[..., None])
+    proposals = proposals.masked_fill(invalid, float('inf'))
+    memory = memory.masked_fill(invalid, 0.0)
+    return memory, proposals
+
+
+def proposal_pos_embed(proposals: Tensor, num_feats: int = 128,
+                       temperature: int = 10000) -> Tensor:
+    """Sine embedding of (cx, cy, w, h) boxes given as logits: (bs, nq, 4 * num_feats)."""
+    dim_t = torch.arange(num_feats, dtype=torch.float32, device=proposals.device)
+    dim_t = temperature**(2 * (dim_t // 2) / num_feats)
+    pos = proposals.sigmoid()[..., None] * (2 * math.pi) / dim_t
+    return torch.stack((pos[..., 0::2].sin(), pos[..., 1::2].cos()), -1).flatten(2)

@@ -3,7 +3,6 @@ import copy
 from typing import Dict, List, Optional, Tuple
 
 import torch
-from mmdet.models.layers.transformer import inverse_sigmoid
 from mmdet.structures import SampleList
 from mmdet.structures.bbox import bbox_cxcywh_to_xyxy
 from mmengine.model import bias_init_with_prob
@@ -11,6 +10,7 @@ from mmengine.structures import InstanceData
 from torch import Tensor, nn
 
 from .criterion import SetCriterion
+from .reference_points import refine
 from .registry import MODELS
 
 
@@ -28,8 +28,9 @@ class DeformableDETRHead(nn.Module):
         num_pred_layer: Branches: decoder layers (+1 for two-stage proposals).
         share_pred_layer: One branch for all layers (no box refinement).
         as_two_stage: The detector is two-stage (affects the box-branch init).
-        sync_cls_avg_factor: Kept for mmdet config compatibility; the loss is
-            always normalised by the box count averaged over processes.
+        sync_cls_avg_factor: Normalise the classification loss by the box count
+            averaged over processes (as the box losses always are), not by this
+            process's own count.
         loss_cls, loss_bbox, loss_iou: Loss configs (mmdet's losses).
         train_cfg: Dict with ``assigner``, the matcher's config.
         test_cfg: Dict with ``max_per_img``, detections kept per image.
@@ -50,9 +51,15 @@ class DeformableDETRHead(nn.Module):
                              'loss_cls.use_sigmoid=False is not supported')
         self.num_classes, self.embed_dims = num_classes, embed_dims
         self.as_two_stage = as_two_stage
+        unknown = set(test_cfg or {}) - {'max_per_img'}
+        unknown |= set(train_cfg or {}) - {'assigner'}
+        if unknown:  # refused rather than ignored
+            raise ValueError(f'unknown train_cfg/test_cfg keys of DeformableDETRHead: '
+                             f'{sorted(unknown)} (it knows assigner and max_per_img)')
         self.test_cfg = {'max_per_img': 100, **(test_cfg or {})}
         assigner = (train_cfg or {}).get('assigner', dict(type='HungarianAssigner'))
-        self.criterion = SetCriterion(num_classes, assigner, loss_cls, loss_bbox, loss_iou)
+        self.criterion = SetCriterion(num_classes, assigner, loss_cls, loss_bbox, loss_iou,
+                                      sync_cls_avg_factor)
 
         fc_cls = nn.Linear(embed_dims, num_classes)
         reg = []
@@ -97,13 +104,7 @@ class DeformableDETRHead(nn.Module):
     def forward_layer(self, i: int, hidden: Tensor, reference: Tensor
                       ) -> Tuple[Tensor, Tensor]:
         """Logits and normalised (cx, cy, w, h) boxes of decoder layer ``i``."""
-        delta = self.reg_branches[i](hidden)
-        reference = inverse_sigmoid(reference)
-        if reference.shape[-1] == 4:
-            boxes = delta + reference
-        else:  # a point: the branch predicts the box size from scratch
-            boxes = torch.cat([delta[..., :2] + reference, delta[..., 2:]], -1)
-        return self.cls_branches[i](hidden), boxes.sigmoid()
+        return self.cls_branches[i](hidden), refine(reference, self.reg_branches[i](hidden))
 
     def loss(self, hidden_states: Tensor, references: List[Tensor],
              enc_outputs_class: Optional[Tensor], enc_outputs_coord: Optional[Tensor],

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ops import multi_scale_deformable_attn
+from .reference_points import offset_scale, sampling_locations
 from .registry import MODELS
 
 
@@ -93,24 +94,12 @@ class MultiScaleDeformableAttention(nn.Module):
         weights = weights.softmax(-1).view(bs, nq, heads, levels, points)
         # Offsets are scaled per level and coordinate: scaling the projection's
         # weights (C x 2HLP) costs far less than scaling its output (N x 2HLP).
-        if reference_points.shape[-1] == 2:
-            # Offsets are in pixels of each level: normalise by (w, h).
-            scale = 1 / spatial_shapes.flip(-1).to(query.dtype)
-        elif reference_points.shape[-1] == 4:
-            # Boxes: offsets count in half box sizes per point (times w, h below).
-            scale = query.new_full((levels, 2), 0.5 / points)
-        else:
-            raise ValueError('reference_points must end in 2 (points) or 4 (boxes), got '
-                             f'{tuple(reference_points.shape)}')
+        scale = offset_scale(reference_points, spatial_shapes, points)
         scale = scale[None, :, None, :].expand(heads, levels, points, 2).reshape(-1)
         offsets = F.linear(query, self.sampling_offsets.weight * scale[:, None],
                            self.sampling_offsets.bias * scale)
         offsets = offsets.view(bs, nq, heads, levels, points, 2)
-        if reference_points.shape[-1] == 2:
-            locations = offsets + reference_points[:, :, None, :, None, :]
-        else:
-            locations = torch.addcmul(reference_points[:, :, None, :, None, :2], offsets,
-                                      reference_points[:, :, None, :, None, 2:])
+        locations = sampling_locations(reference_points, offsets)
         out = multi_scale_deformable_attn(value, spatial_shapes, level_start_index,
                                           locations, weights)
         return self.output_proj(out)

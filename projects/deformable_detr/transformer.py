@@ -1,22 +1,24 @@
 """Deformable transformer: encoder, decoder and the helpers around them.
 
 Reads top to bottom as the model runs: flattening the feature levels, the encoder
-(deformable self-attention over all levels), two-stage proposals from the encoder
-output, then the decoder (self-attention among queries, deformable cross-attention
-to the encoder output, optional iterative box refinement).
+(deformable self-attention over all levels), then the decoder (self-attention among
+queries, deformable cross-attention to the encoder output, optional iterative box
+refinement). The query selection between them (learnt queries, or the two-stage
+proposals) is the detector's ``pre_decoder``.
 
 Module and parameter names follow mmdet 3.3 (``self_attn``, ``cross_attn``,
 ``ffn.layers``, ``norms``), so its checkpoints load as they are.
 """
-import math
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
-from mmdet.models.layers.transformer import inverse_sigmoid
 from torch import Tensor, nn
 
 from .multi_scale_deformable_attention import MultiScaleDeformableAttention
+from .reference_points import on_levels, refine
+
+DEFAULT_EMBED_DIMS = 256  # the paper's d
 
 # ----------------------------------------------------------------------------------
 # Inputs: masks, valid ratios, flattened levels
@@ -117,8 +119,8 @@ class SelfAttention(nn.Module):
 class DeformableEncoderLayer(nn.Module):
     """Deformable self-attention over all levels, then FFN (post-norm)."""
 
-    def __init__(self, embed_dims: int = 256, num_heads: int = 8, num_levels: int = 4,
-                 num_points: int = 4, feedforward_channels: int = 1024,
+    def __init__(self, embed_dims: int = DEFAULT_EMBED_DIMS, num_heads: int = 8,
+                 num_levels: int = 4, num_points: int = 4, feedforward_channels: int = 1024,
                  dropout: float = 0.1) -> None:
         super().__init__()
         self.self_attn = MultiScaleDeformableAttention(embed_dims, num_heads, num_levels,
@@ -181,55 +183,6 @@ class DeformableEncoder(nn.Module):
 
 
 # ----------------------------------------------------------------------------------
-# Two-stage: proposals from the encoder output
-# ----------------------------------------------------------------------------------
-
-
-def encoder_output_proposals(memory: Tensor, mask: Optional[Tensor], spatial_shapes: Tensor
-                             ) -> Tuple[Tensor, Tensor]:
-    """One proposal per pixel: its centre, a size of 0.05 * 2**level.
-
-    Returns:
-        memory with padded / border pixels zeroed, (bs, N, C), and the proposals
-        in inverse-sigmoid space (bs, N, 4), +inf where a proposal is invalid
-        (padding, or too close to the border) so that it can never be chosen.
-    """
-    bs = memory.shape[0]
-    proposals, start = [], 0
-    for lvl, (h, w) in enumerate(spatial_shapes.tolist()):
-        if mask is not None:
-            level_mask = mask[:, start:start + h * w].view(bs, h, w)
-            size = torch.stack([(~level_mask[:, 0, :]).sum(1), (~level_mask[:, :, 0]).sum(1)],
-                               -1).view(bs, 1, 1, 2)
-        else:
-            size = memory.new_tensor([w, h]).view(1, 1, 1, 2)
-        grid_y, grid_x = torch.meshgrid(
-            torch.linspace(0, h - 1, h, device=memory.device),
-            torch.linspace(0, w - 1, w, device=memory.device), indexing='ij')
-        grid = torch.stack([grid_x, grid_y], -1)
-        grid = (grid[None].expand(bs, -1, -1, -1) + 0.5) / size
-        wh = torch.full_like(grid, 0.05 * 2.0**lvl)
-        proposals.append(torch.cat((grid, wh), -1).view(bs, -1, 4))
-        start += h * w
-    proposals = torch.cat(proposals, 1)
-    valid = ((proposals > 0.01) & (proposals < 0.99)).all(-1, keepdim=True)
-    proposals = torch.log(proposals / (1 - proposals))
-    invalid = ~valid if mask is None else (~valid | mask[..., None])
-    proposals = proposals.masked_fill(invalid, float('inf'))
-    memory = memory.masked_fill(invalid, 0.0)
-    return memory, proposals
-
-
-def proposal_pos_embed(proposals: Tensor, num_feats: int = 128,
-                       temperature: int = 10000) -> Tensor:
-    """Sine embedding of (cx, cy, w, h) boxes given as logits: (bs, nq, 4 * num_feats)."""
-    dim_t = torch.arange(num_feats, dtype=torch.float32, device=proposals.device)
-    dim_t = temperature**(2 * (dim_t // 2) / num_feats)
-    pos = proposals.sigmoid()[..., None] * (2 * math.pi) / dim_t
-    return torch.stack((pos[..., 0::2].sin(), pos[..., 1::2].cos()), -1).flatten(2)
-
-
-# ----------------------------------------------------------------------------------
 # Decoder
 # ----------------------------------------------------------------------------------
 
@@ -237,8 +190,8 @@ def proposal_pos_embed(proposals: Tensor, num_feats: int = 128,
 class DeformableDecoderLayer(nn.Module):
     """Query self-attention, deformable cross-attention to the memory, FFN."""
 
-    def __init__(self, embed_dims: int = 256, num_heads: int = 8, num_levels: int = 4,
-                 num_points: int = 4, feedforward_channels: int = 1024,
+    def __init__(self, embed_dims: int = DEFAULT_EMBED_DIMS, num_heads: int = 8,
+                 num_levels: int = 4, num_points: int = 4, feedforward_channels: int = 1024,
                  dropout: float = 0.1) -> None:
         super().__init__()
         self.self_attn = SelfAttention(embed_dims, num_heads, dropout)
@@ -296,23 +249,12 @@ class DeformableDecoder(nn.Module):
         references = [reference_points]
         hidden_states = []
         for i, layer in enumerate(self.layers):
-            # References are relative to the valid image: map them onto each
-            # level, whose padding differs.
-            scale = valid_ratios if reference_points.shape[-1] == 2 else torch.cat(
-                [valid_ratios, valid_ratios], -1)
             query = layer(query, query_pos, memory, memory_mask,
-                          reference_points[:, :, None] * scale[:, None], spatial_shapes,
+                          on_levels(reference_points, valid_ratios), spatial_shapes,
                           level_start_index)
             if reg_branches is not None:
-                delta = reg_branches[i](query)
-                if reference_points.shape[-1] == 4:
-                    new_reference = (delta + inverse_sigmoid(reference_points)).sigmoid()
-                else:  # points become boxes: the branch also predicts w, h
-                    new_reference = torch.cat(
-                        [delta[..., :2] + inverse_sigmoid(reference_points), delta[..., 2:]],
-                        -1).sigmoid()
                 # Gradients do not flow through the references (as in the paper).
-                reference_points = new_reference.detach()
+                reference_points = refine(reference_points, reg_branches[i](query)).detach()
             hidden_states.append(query)
             references.append(reference_points)
         return torch.stack(hidden_states), references

@@ -68,6 +68,17 @@ def test_num_boxes_is_averaged_across_processes(monkeypatch):
     assert losses['loss_cls'].item() == pytest.approx(FOCAL / 2.0, rel=1e-5)
 
 
+def test_cls_normaliser_is_local_without_sync_cls_avg_factor(monkeypatch):
+    """sync_cls_avg_factor=False: as in mmdet, only the box losses' count is averaged."""
+    def fake_all_reduce(tensor, op='sum'):
+        tensor.copy_((tensor + 3.0) / 2)  # another process has 3 boxes
+    monkeypatch.setattr(criterion_module, 'all_reduce', fake_all_reduce)
+    logits, boxes, gts, metas = hand_case()
+    losses = SetCriterion(num_classes=2, sync_cls_avg_factor=False)(logits, boxes, gts, metas)
+    assert losses['loss_bbox'].item() == pytest.approx(L1 / 2.0, rel=1e-5)
+    assert losses['loss_cls'].item() == pytest.approx(FOCAL, rel=1e-5)
+
+
 def test_image_without_objects():
     logits, boxes, _, metas = hand_case()
     empty = InstanceData(bboxes=torch.zeros(0, 4), labels=torch.zeros(0, dtype=torch.long))

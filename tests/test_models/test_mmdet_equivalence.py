@@ -23,29 +23,47 @@ def pair(request):
     return build_pair(request.param)
 
 
+def losses_and_gradients(model, inputs, samples, dtype):
+    """Losses and parameter gradients of a copy of ``model`` run in ``dtype``."""
+    model = copy.deepcopy(model).to(dtype)
+    model.train()
+    samples = copy.deepcopy(samples)
+    for sample in samples:
+        sample.gt_instances.bboxes = sample.gt_instances.bboxes.to(dtype)
+    losses = model(inputs.to(dtype), samples, mode='loss')
+    sum(losses.values()).backward()
+    grads = {n: p.grad.double() for n, p in model.named_parameters() if p.grad is not None}
+    return losses, grads
+
+
+def assert_grads_close(actual, expected, rtol):
+    """Every gradient within ``rtol`` of its largest magnitude."""
+    assert set(expected) <= set(actual)  # ours also has the (zero) neck biases
+    for name, grad in expected.items():
+        scale = grad.abs().max().item() + 1e-12
+        diff = (actual[name] - grad).abs().max().item()
+        assert diff <= rtol * scale, f'{name}: {diff:.3g} vs max {scale:.3g}'
+
+
 @pytest.mark.parametrize('batch', list(BATCHES))
 def test_losses_and_gradients(pair, batch):
     theirs, ours = pair
     inputs, samples = make_batch(**BATCHES[batch])
-    grads = []
-    losses = []
-    for model in (theirs, ours):
-        model.train()
-        model.zero_grad()
-        loss = model(inputs, copy.deepcopy(samples), mode='loss')
-        sum(loss.values()).backward()
-        losses.append(loss)
-        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
-    assert list(losses[0]) == list(losses[1])  # names and order
-    for key in losses[0]:
+    their_losses, _ = losses_and_gradients(theirs, inputs, samples, torch.float32)
+    our_losses, our_grads = losses_and_gradients(ours, inputs, samples, torch.float32)
+    assert list(their_losses) == list(our_losses)  # names and order
+    for key in their_losses:
         # (mmdet's loss_cls has shape (1,): its normaliser is a 1-element tensor)
-        torch.testing.assert_close(losses[1][key], losses[0][key].reshape(()), rtol=1e-5,
-                                   atol=1e-6, msg=lambda m, key=key: f'{key}: {m}')
-    assert set(grads[0]) <= set(grads[1])  # ours also has the (zero) neck biases
-    for name, grad in grads[0].items():
-        scale = grad.abs().max().item() + 1e-8
-        diff = (grads[1][name] - grad).abs().max().item()
-        assert diff <= 1e-3 * scale + 1e-6, f'{name}: {diff} vs max {scale}'
+        torch.testing.assert_close(our_losses[key], their_losses[key].reshape(()),
+                                   rtol=1e-5, atol=1e-6, msg=lambda m, key=key: f'{key}: {m}')
+    # The gradients are compared with mmdet's in float64, the truth both approximate:
+    # mmcv's grid_sample path loses more in float32 (up to 4e-3 of a gradient's scale,
+    # e.g. the encoder FFN of the refine model here) than our kernel does (1e-6).
+    _, their_grads64 = losses_and_gradients(theirs, inputs, samples, torch.float64)
+    _, our_grads64 = losses_and_gradients(ours, inputs, samples, torch.float64)
+    # (1e-6, not 1e-15: both models make a few constants in float32, e.g. valid ratios.)
+    assert_grads_close(our_grads64, their_grads64, 1e-6)
+    assert_grads_close(our_grads, their_grads64, 1e-4)
 
 
 @pytest.mark.parametrize('batch', list(BATCHES))

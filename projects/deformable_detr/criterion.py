@@ -1,5 +1,5 @@
 """Set criterion: Hungarian matching, then focal + L1 + GIoU on the matches."""
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from mmdet.structures.bbox import bbox_cxcywh_to_xyxy, bbox_xyxy_to_cxcywh
@@ -8,6 +8,14 @@ from mmengine.structures import InstanceData
 from torch import Tensor, nn
 
 from .registry import MODELS, TASK_UTILS
+
+
+class Target(NamedTuple):
+    """One image's ground truth as the matching and the losses use it."""
+    labels: Tensor  # (num_gts,)
+    bboxes: Tensor  # (num_gts, 4) normalised (cx, cy, w, h)
+    factors: Tensor  # (4,) the image's (w, h, w, h): normalised to pixels
+    size: Tuple[int, int]  # (h, w)
 
 
 @MODELS.register_module()
@@ -45,62 +53,70 @@ class SetCriterion(nn.Module):
 
     @staticmethod
     def num_boxes(batch_gt_instances: Sequence[InstanceData], device: torch.device,
-                  average: bool = True) -> float:
-        """Ground-truth boxes of this process (averaged over processes), at least 1."""
+                  average: bool = True) -> Tensor:
+        """Ground-truth boxes of this process (averaged over processes), at least 1.
+
+        A tensor, not a number: reading it would synchronise the host with the device.
+        """
         num = torch.tensor(float(sum(len(gt) for gt in batch_gt_instances)), device=device)
         if average:
             all_reduce(num, op='mean')  # a no-op outside distributed training
-        return max(num.item(), 1.0)
+        return num.clamp(min=1.0)
 
-    def loss_single(self, cls_logits: Tensor, boxes: Tensor,
-                    batch_gt_instances: Sequence[InstanceData],
-                    img_sizes: Sequence[Tuple[int, int]], num_boxes: float,
-                    cls_avg_factor: float) -> Tuple[Tensor, Tensor, Tensor]:
-        """Losses of one set of predictions.
+    def loss_single(self, cls_logits: Tensor, boxes: Tensor, targets: Sequence['Target'],
+                    matches: Sequence[Optional[Tuple[Tensor, Tensor]]], num_boxes: Tensor,
+                    cls_avg_factor: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """Losses of one set of predictions, given its matching.
 
         Args:
             cls_logits: (bs, nq, num_classes) logits.
             boxes: (bs, nq, 4) normalised (cx, cy, w, h).
-            batch_gt_instances: per image ``labels`` and ``bboxes`` (pixel xyxy).
-            img_sizes: per image (h, w), the frame boxes are normalised to.
+            targets: per image, the ground truth as :class:`Target`.
+            matches: per image (query indices, gt indices), or None where the matching
+                costs were not finite.
             num_boxes: normaliser of the box losses.
             cls_avg_factor: normaliser of the classification loss.
 
         Returns:
-            Classification, L1 and IoU losses.
+            Classification, L1 and IoU losses; NaN where an image could not be
+            matched, so that the model's finiteness check reports it.
         """
         bs, nq, _ = cls_logits.shape
         labels = cls_logits.new_full((bs, nq), self.num_classes, dtype=torch.long)
         pred_idx: List[Tensor] = []
         matched_targets: List[Tensor] = []
         factors: List[Tensor] = []
-        for i, (gt, (h, w)) in enumerate(zip(batch_gt_instances, img_sizes)):
-            factor = boxes.new_tensor([w, h, w, h])
-            gt_boxes = bbox_xyxy_to_cxcywh(gt.bboxes / factor)
-            query_idx, gt_idx = self.assigner.assign(cls_logits[i].detach(),
-                                                     boxes[i].detach(), gt.labels, gt_boxes,
-                                                     (h, w))
-            labels[i, query_idx] = gt.labels[gt_idx]
+        for i, (target, match) in enumerate(zip(targets, matches)):
+            if match is None:
+                continue
+            query_idx, gt_idx = match
+            labels[i, query_idx] = target.labels[gt_idx]
             pred_idx.append(query_idx + i * nq)
-            matched_targets.append(gt_boxes[gt_idx])
-            factors.append(factor.expand(len(gt_idx), 4))
+            matched_targets.append(target.bboxes[gt_idx])
+            factors.append(target.factors.expand(len(gt_idx), 4))
         # Unmatched queries are trained towards "no object" (label num_classes).
         loss_cls = self.loss_cls(cls_logits.reshape(bs * nq, -1), labels.flatten(),
                                  avg_factor=cls_avg_factor)
-        pred = boxes.reshape(bs * nq, 4)[torch.cat(pred_idx)]
-        target = torch.cat(matched_targets)
-        factor = torch.cat(factors)
+        pred = boxes.reshape(bs * nq, 4)[torch.cat(pred_idx)] if pred_idx else boxes[:0, 0]
+        target = torch.cat(matched_targets) if matched_targets else pred.detach()
+        factor = torch.cat(factors) if factors else pred.new_ones(0, 4)
         loss_bbox = self.loss_bbox(pred, target, avg_factor=num_boxes)
         # IoU in pixels, as mmdet computes it (GIoU is scale-free up to its eps).
         loss_iou = self.loss_iou(bbox_cxcywh_to_xyxy(pred) * factor,
                                  bbox_cxcywh_to_xyxy(target) * factor, avg_factor=num_boxes)
-        return loss_cls, loss_bbox, loss_iou
+        losses = (loss_cls, loss_bbox, loss_iou)
+        if any(match is None for match in matches):
+            losses = tuple(loss + float('nan') for loss in losses)
+        return losses
 
     def forward(self, all_cls_logits: Tensor, all_boxes: Tensor,
                 batch_gt_instances: Sequence[InstanceData], batch_img_metas: Sequence[dict],
                 enc_cls_logits: Optional[Tensor] = None,
                 enc_boxes: Optional[Tensor] = None) -> Dict[str, Tensor]:
         """All losses, named as mmdet names them.
+
+        Every prediction set (each decoder layer, and the encoder proposals) is matched
+        in one call of the assigner, which copies all cost matrices to the host at once.
 
         Args:
             all_cls_logits: (num_layers, bs, nq, num_classes) of every decoder layer.
@@ -113,13 +129,32 @@ class SetCriterion(nn.Module):
             ``loss_cls/loss_bbox/loss_iou`` of the last layer, ``d{i}.loss_*`` of
             the others, and ``enc_loss_*`` for the encoder proposals.
         """
-        img_sizes = [tuple(meta['img_shape'][:2]) for meta in batch_img_metas]
-        num_boxes = self.num_boxes(batch_gt_instances, all_cls_logits.device)
+        device = all_cls_logits.device
+        targets = []
+        for gt, meta in zip(batch_gt_instances, batch_img_metas):
+            h, w = meta['img_shape'][:2]
+            factors = all_boxes.new_tensor([w, h, w, h])
+            targets.append(Target(gt.labels, bbox_xyxy_to_cxcywh(gt.bboxes / factors),
+                                  factors, (h, w)))
+        sets = list(zip(all_cls_logits, all_boxes, [targets] * len(all_cls_logits)))
+        if enc_cls_logits is not None:
+            # Encoder proposals are class-agnostic: every object is class 0.
+            agnostic = [t._replace(labels=torch.zeros_like(t.labels)) for t in targets]
+            sets.append((enc_cls_logits, enc_boxes, agnostic))
+        problems = [(cls[i].detach(), boxes[i].detach(), t.labels, t.bboxes, t.size)
+                    for cls, boxes, set_targets in sets for i, t in enumerate(set_targets)]
+        matches = self.assigner.assign_batch(problems)
+        bs = len(targets)
+        per_set = [matches[k * bs:(k + 1) * bs] for k in range(len(sets))]
+
+        num_boxes = self.num_boxes(batch_gt_instances, device)
         cls_avg_factor = num_boxes if self.sync_cls_avg_factor else self.num_boxes(
-            batch_gt_instances, all_cls_logits.device, average=False)
-        per_layer = [self.loss_single(cls, boxes, batch_gt_instances, img_sizes, num_boxes,
+            batch_gt_instances, device, average=False)
+        per_layer = [self.loss_single(cls, boxes, set_targets, set_matches, num_boxes,
                                       cls_avg_factor)
-                     for cls, boxes in zip(all_cls_logits, all_boxes)]
+                     for (cls, boxes, set_targets), set_matches in zip(sets, per_set)]
+        if enc_cls_logits is not None:
+            *per_layer, enc = per_layer
         # mmdet's order (last layer first): summed totals then add up in the same order.
         *aux, last = per_layer
         losses = dict(zip(('loss_cls', 'loss_bbox', 'loss_iou'), last))
@@ -127,10 +162,5 @@ class SetCriterion(nn.Module):
             losses.update(zip((f'd{i}.loss_cls', f'd{i}.loss_bbox', f'd{i}.loss_iou'),
                               layer_losses))
         if enc_cls_logits is not None:
-            # Encoder proposals are class-agnostic: every object is class 0.
-            agnostic = [InstanceData(bboxes=gt.bboxes, labels=torch.zeros_like(gt.labels))
-                        for gt in batch_gt_instances]
-            cls, bbox, iou = self.loss_single(enc_cls_logits, enc_boxes, agnostic, img_sizes,
-                                              num_boxes, cls_avg_factor)
-            losses.update(enc_loss_cls=cls, enc_loss_bbox=bbox, enc_loss_iou=iou)
+            losses.update(zip(('enc_loss_cls', 'enc_loss_bbox', 'enc_loss_iou'), enc))
         return losses

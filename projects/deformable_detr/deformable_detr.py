@@ -13,6 +13,7 @@ from mmdet.structures import OptSampleList, SampleList
 from torch import Tensor, nn
 
 from .multi_scale_deformable_attention import MultiScaleDeformableAttention
+from .non_finite import check_losses
 from .registry import MODELS
 from .transformer import (DEFAULT_EMBED_DIMS, DeformableDecoder, DeformableEncoder, flatten_levels,
                           padding_masks)
@@ -51,7 +52,8 @@ class DeformableDETR(BaseDetector):
             ``feedforward_channels``, ``dropout``.
         decoder: :class:`DeformableDecoder` arguments, the same keys.
         positional_encoding: mmdet ``SinePositionalEncoding`` arguments.
-        num_queries: Object queries (top-k proposals when two-stage).
+        num_queries: Object queries (top-k proposals when two-stage; an image
+            with fewer encoder pixels than that gets one query per pixel).
         num_feature_levels: Feature levels (1 for the single-scale variants).
         with_box_refine: Each decoder layer refines the previous layer's boxes.
         as_two_stage: Initial reference boxes are the top-k encoder proposals.
@@ -208,8 +210,10 @@ class DeformableDETR(BaseDetector):
         last = self.decoder.num_layers  # the head's extra branch
         enc_class = self.bbox_head.cls_branches[last](out_memory)
         enc_coord_logit = self.bbox_head.reg_branches[last](out_memory) + proposals
-        # Class-agnostic: only the first class channel scores proposals.
-        topk = enc_class[..., 0].topk(self.num_queries, dim=1)[1]
+        # Class-agnostic: only the first class channel scores proposals. A small image
+        # may have fewer pixels than queries: then every proposal is taken.
+        num_queries = min(self.num_queries, enc_class.shape[1])
+        topk = enc_class[..., 0].topk(num_queries, dim=1)[1]
         topk_logit = enc_coord_logit.gather(1, topk[..., None].expand(-1, -1, 4)).detach()
         pos_trans = self.pos_trans_fc(proposal_pos_embed(topk_logit, dims // 2))
         query_pos, query = self.pos_trans_norm(pos_trans).split(dims, -1)
@@ -230,9 +234,39 @@ class DeformableDETR(BaseDetector):
     # ------------------------------------------------------------------------------
 
     def loss(self, batch_inputs: Tensor, batch_data_samples: SampleList) -> Dict[str, Tensor]:
-        """Losses of a batch (``mode='loss'``)."""
+        """Losses of a batch (``mode='loss'``).
+
+        Raises:
+            ValueError: a batch whose size the model cannot train on (named, with the
+                limit).
+            NonFiniteError: a loss term is NaN or infinite, here or in another process
+                (the iteration, the terms and the first non-finite tensor named).
+        """
+        self.check_batch_size(batch_inputs)
         outs = self.forward_transformer(self.extract_feat(batch_inputs), batch_data_samples)
-        return self.bbox_head.loss(**outs, batch_data_samples=batch_data_samples)
+        losses = self.bbox_head.loss(**outs, batch_data_samples=batch_data_samples)
+        check_losses(losses, self, batch_inputs, batch_data_samples)
+        return losses
+
+    def check_batch_size(self, batch_inputs: Tensor) -> None:
+        """Refuses, before anything runs, the one size training cannot handle.
+
+        Any image size works (two-stage selects at most as many proposals as the
+        encoder has pixels), except that BatchNorm layers that train need more than one
+        value per channel: one image whose last backbone map is 1x1 has only one.
+        """
+        if not self.training or batch_inputs.shape[0] > 1:
+            return
+        stride = backbone_stride(self.backbone)
+        training_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
+                          for m in self.backbone.modules())
+        h, w = batch_inputs.shape[-2:]
+        if stride and training_bn and math.ceil(h / stride) * math.ceil(w / stride) == 1:
+            raise ValueError(
+                f'a batch of one {h}x{w} image is too small to train this backbone: its '
+                f'stride-{stride} map is 1x1, and its BatchNorm layers, training, need more '
+                f'than one value per channel. Use images over {stride} px on one side, '
+                'batches of 2 or more, or frozen BatchNorm (norm_eval=True)')
 
     def predict(self, batch_inputs: Tensor, batch_data_samples: SampleList,
                 rescale: bool = True) -> SampleList:
@@ -247,6 +281,14 @@ class DeformableDETR(BaseDetector):
         """Raw logits and boxes of every decoder layer (``mode='tensor'``)."""
         outs = self.forward_transformer(self.extract_feat(batch_inputs), batch_data_samples)
         return self.bbox_head(outs['hidden_states'], outs['references'])
+
+
+def backbone_stride(backbone: nn.Module) -> Optional[int]:
+    """The output stride of an mmdet ResNet-style backbone's last stage, else None."""
+    strides = getattr(backbone, 'strides', None)
+    if not isinstance(strides, (tuple, list)):
+        return None
+    return 4 * math.prod(strides[:getattr(backbone, 'num_stages', len(strides))])
 
 
 # ----------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """One-to-one matching of queries to ground truth (DETR's Hungarian matcher)."""
-from typing import Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 from mmdet.structures.bbox import bbox_cxcywh_to_xyxy, bbox_overlaps
 from scipy.optimize import linear_sum_assignment
@@ -58,11 +59,62 @@ class HungarianAssigner:
         Returns:
             Matched query indices and, aligned with them, gt indices (int64, on
             the device of ``cls_logits``); min(num_queries, num_gts) pairs.
+
+        Raises:
+            ValueError: the cost matrix holds NaN or infinity.
         """
-        if len(gt_labels) == 0 or len(cls_logits) == 0:
-            empty = torch.zeros(0, dtype=torch.long, device=cls_logits.device)
-            return empty, empty.clone()
-        cost = self.cost_matrix(cls_logits, pred_boxes, gt_labels, gt_boxes, img_size)
-        rows, cols = linear_sum_assignment(cost.float().cpu().numpy())
-        return (torch.as_tensor(rows, dtype=torch.long, device=cls_logits.device),
-                torch.as_tensor(cols, dtype=torch.long, device=cls_logits.device))
+        match, = self.assign_batch([(cls_logits, pred_boxes, gt_labels, gt_boxes, img_size)])
+        if match is None:
+            raise ValueError('the matching costs are not finite: the predictions or the '
+                             'ground-truth boxes hold NaN or infinity')
+        return match
+
+    @torch.no_grad()
+    def assign_batch(self, problems: Sequence[Tuple[Tensor, Tensor, Tensor, Tensor,
+                                                     Optional[Tuple[int, int]]]]
+                     ) -> List[Optional[Tuple[Tensor, Tensor]]]:
+        """Matches many prediction sets (every image of every decoder layer) at once.
+
+        The cost matrices are computed on the predictions' device and copied to the
+        host together: one synchronisation for all of them, not one per matrix.
+
+        Args:
+            problems: (cls_logits, pred_boxes, gt_labels, gt_boxes, img_size) tuples,
+                as the arguments of :meth:`assign`.
+
+        Returns:
+            Per problem, the (query indices, gt indices) of :meth:`assign`, or None when
+            its cost matrix is not finite (nothing is matched: scipy refuses such
+            matrices, and the caller decides what a non-finite prediction means).
+        """
+        costs = [self.cost_matrix(*problem) for problem in problems]
+        if not costs:
+            return []
+        device = costs[0].device
+        flat = torch.cat([c.float().flatten() for c in costs]).cpu().numpy()  # the one sync
+        pairs, sizes = [], []
+        start = 0
+        for cost in costs:
+            matrix = flat[start:start + cost.numel()].reshape(cost.shape)
+            start += cost.numel()
+            if not np.isfinite(matrix).all():
+                sizes.append(None)
+                continue
+            rows, cols = linear_sum_assignment(matrix) if matrix.size else ([], [])
+            pairs += [np.asarray(rows, np.int64), np.asarray(cols, np.int64)]
+            sizes.append(len(rows))
+        # All indices go back in one copy, queued on the stream (pinned: no host sync).
+        indices = torch.from_numpy(np.concatenate(pairs)) if pairs else torch.zeros(
+            0, dtype=torch.long)
+        if device.type == 'cuda':
+            indices = indices.pin_memory()
+        indices = indices.to(device, non_blocking=True)
+        matches: List[Optional[Tuple[Tensor, Tensor]]] = []
+        start = 0
+        for size in sizes:
+            if size is None:
+                matches.append(None)
+                continue
+            matches.append((indices[start:start + size], indices[start + size:start + 2 * size]))
+            start += 2 * size
+        return matches

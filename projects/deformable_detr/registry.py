@@ -49,3 +49,5 @@ MODELS = Registry('model', parent=mmdet_registry.MODELS, scope='ddetr',
                   locations=['projects.deformable_detr'], build_func=build_here)
 TASK_UTILS = Registry('task util', parent=mmdet_registry.TASK_UTILS, scope='ddetr',
                       locations=['projects.deformable_detr'], build_func=build_here)
+HOOKS = Registry('hook', parent=mmdet_registry.HOOKS, scope='ddetr',
+                 locations=['projects.deformable_detr'])

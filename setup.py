@@ -41,4 +41,5 @@ setup(
     ext_modules=[make_extension()],
     cmdclass={'build_ext': BuildExtension},
     python_requires='>=3.9',
+    license='Apache-2.0',
 )

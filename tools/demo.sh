@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # The embedded demo, on CPU in minutes: generate the synthetic shapes data set (if
 # missing), train Deformable DETR on it, test it with COCO mAP, draw its detections on
-# the val images and plot the training curve.
+# the val images, run demo/image_demo.py on a few of them and plot the training curve.
 #
 #   bash tools/demo.sh [extra tools/train.py args, e.g. --cfg-options ...]
 #
-# Environment: CONFIG, WORK_DIR, DATA (must match the config's data_root), NUM_TRAIN,
-# NUM_VAL, SEED, NICE (niceness for train/test, default 10; 0 to disable).
+# Environment: PYTHON, CONFIG, WORK_DIR, DATA (must match the config's data_root),
+# NUM_TRAIN, NUM_VAL, SEED, NICE (niceness for train/test, default 10; 0 to disable).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,6 +16,7 @@ DATA=${DATA:-data/synthetic}
 NUM_TRAIN=${NUM_TRAIN:-2000}
 NUM_VAL=${NUM_VAL:-200}
 SEED=${SEED:-0}
+PYTHON=${PYTHON:-python}  # make demo passes the environment's interpreter
 RUN="nice -n ${NICE:-10}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # Idle OpenMP threads sleep instead of spinning: on a busy 2-core machine spinning
@@ -26,32 +27,36 @@ step() { printf '\n==> %s\n' "$*"; }
 
 if [[ ! -f $DATA/annotations/train.json || ! -f $DATA/annotations/val.json ]]; then
     step "generating the synthetic data set in $DATA"
-    python tools/dataset_converters/synthetic_coco.py --out "$DATA" \
+    "$PYTHON" tools/dataset_converters/synthetic_coco.py --out "$DATA" \
         --num-train "$NUM_TRAIN" --num-val "$NUM_VAL" --seed "$SEED"
 fi
 
 step "training $CONFIG -> $WORK_DIR"
 start=$SECONDS
-$RUN python tools/train.py "$CONFIG" --work-dir "$WORK_DIR" "$@"
+$RUN "$PYTHON" tools/train.py "$CONFIG" --work-dir "$WORK_DIR" "$@"
 train_s=$((SECONDS - start))
 
 # the final checkpoint, not the best one: the numbers below are not picked on val
 CKPT=$(cat "$WORK_DIR/last_checkpoint")
 step "testing $CKPT (detections drawn to $WORK_DIR/test/*/vis)"
-$RUN python tools/test.py "$CONFIG" "$CKPT" --work-dir "$WORK_DIR/test" --show-dir vis \
+$RUN "$PYTHON" tools/test.py "$CONFIG" "$CKPT" --work-dir "$WORK_DIR/test" --show-dir vis \
     --out "$WORK_DIR/test/results.pkl"
 
 step "pictures"
 # 128 px images are small to look at: a grid of a few, enlarged, besides --show-dir's
-python tools/analysis_tools/draw_predictions.py "$WORK_DIR/test/results.pkl" \
+"$PYTHON" tools/analysis_tools/draw_predictions.py "$WORK_DIR/test/results.pkl" \
     "$DATA/annotations/val.json" --out "$WORK_DIR/predictions.png"
 
+step "image demo on a few val images (demo/image_demo.py)"
+"$PYTHON" demo/image_demo.py "$DATA/val/00000[1-8].jpg" "$CONFIG" --weights "$CKPT" \
+    --out-dir "$WORK_DIR/image_demo" --device cpu
+
 step "training curve"
-python tools/analysis_tools/plot_convergence.py "$WORK_DIR" --labels "Deformable DETR" \
+"$PYTHON" tools/analysis_tools/plot_convergence.py "$WORK_DIR" --labels "Deformable DETR" \
     --out "$WORK_DIR/training_curve.png"
 
 step "result"
-python - "$WORK_DIR/test" "$train_s" <<'PY'
+"$PYTHON" - "$WORK_DIR/test" "$train_s" <<'PY'
 import glob, json, os, sys
 work_dir, train_s = sys.argv[1], int(sys.argv[2])
 # MMEngine's LoggerHook dumps test metrics to <work_dir>/<timestamp>/<timestamp>.json
@@ -65,3 +70,4 @@ print(f"COCO bbox mAP {m['coco/bbox_mAP']:.3f}  mAP_50 {m['coco/bbox_mAP_50']:.3
 print(f"{len(vis)} images with drawn detections in {os.path.dirname(vis[0]) if vis else '-'}")
 PY
 echo "training curve: $WORK_DIR/training_curve.png, detections: $WORK_DIR/predictions.png"
+echo "image demo: $WORK_DIR/image_demo/vis/*.png, $WORK_DIR/image_demo/predictions.json"

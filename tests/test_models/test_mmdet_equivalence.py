@@ -8,7 +8,6 @@ import copy
 
 import pytest
 import torch
-from helpers import build_pair, make_batch
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
@@ -19,12 +18,12 @@ BATCHES = {
 
 
 @pytest.fixture(scope='module', params=['plain', 'refine', 'twostage'])
-def pair(request):
+def pair(request, build_pair):
     return build_pair(request.param)
 
 
 @pytest.mark.parametrize('batch', list(BATCHES))
-def test_losses_and_gradients(pair, batch):
+def test_losses_and_gradients(pair, batch, make_batch):
     theirs, ours = pair
     inputs, samples = make_batch(**BATCHES[batch])
     grads = []
@@ -49,7 +48,7 @@ def test_losses_and_gradients(pair, batch):
 
 
 @pytest.mark.parametrize('batch', list(BATCHES))
-def test_predictions(pair, batch):
+def test_predictions(pair, batch, make_batch):
     theirs, ours = pair
     inputs, samples = make_batch(**BATCHES[batch])
     results = []

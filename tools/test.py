@@ -11,16 +11,15 @@ import os.path as osp
 import sys
 import warnings
 
-ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))  # the checkout's packages
 
 from mmengine.config import Config, DictAction  # noqa: E402
 from mmengine.registry import RUNNERS  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
 
-import projects.deformable_detr.safe_checkpoint  # noqa: E402,F401  (torch>=2.6 loading)
-from train import close_distributed, setup_cpu_distributed  # noqa: E402  (tools/train.py)
+# safe_checkpoint: MMEngine checkpoints load under torch>=2.6
+import projects.deformable_detr.safe_checkpoint  # noqa: E402,F401
+from projects.deformable_detr.engine import close_distributed, setup_cpu_distributed  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:

@@ -2,9 +2,10 @@
 
 It also allow-lists the types of MMEngine checkpoints for torch's weights-only loading
 (:mod:`.safe_checkpoint`), so that configs' ``custom_imports`` suffice for
-``init_detector`` / ``load_from`` on checkpoints our Runner saved.
+``init_detector`` / ``load_from`` on checkpoints our Runner saved, and registers
+``CPUAmpOptimWrapper`` (:mod:`.engine`), so that the config a ``--amp`` run saved builds.
 """
-from . import safe_checkpoint  # noqa: F401
+from . import engine, safe_checkpoint  # noqa: F401
 from .criterion import SetCriterion
 from .deformable_detr import DeformableDETR
 from .deformable_detr_head import DeformableDETRHead

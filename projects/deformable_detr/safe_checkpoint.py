@@ -1,4 +1,4 @@
-"""Load MMEngine checkpoints under torch>=2.6's ``weights_only=True`` default.
+"""Load checkpoints under torch>=2.6's ``weights_only=True`` default.
 
 Since torch 2.6, ``torch.load`` unpickles only tensors, containers, primitives and the
 globals allow-listed with ``torch.serialization.add_safe_globals``. A checkpoint that
@@ -11,6 +11,10 @@ and listing ``torch.serialization.get_unsafe_globals_in_checkpoint``):
   pickled as ``getattr(HistoryBuffer, 'mean')``;
 - ``message_hub.runtime_info``: numpy scalars (``eta``, ``best_score``...).
 
+mmdet's checkpoints are MMEngine checkpoints. The official Deformable-DETR release
+(``tools/model_converters/official_to_ours.py``) adds one type: its ``args`` entry, an
+``argparse.Namespace`` of plain values.
+
 :func:`allow_mmengine_checkpoints` allow-lists exactly these; ``builtins.getattr`` is
 bound to a function that resolves methods of ``HistoryBuffer`` and nothing else. The
 ``weights_only`` safety stays on: a checkpoint holding any other object is refused with
@@ -18,6 +22,7 @@ an ``UnpicklingError`` that names the objects and says what to do. The module ca
 on import, so importing ``projects.deformable_detr`` is enough; calling it again is
 harmless.
 """
+import argparse
 import os.path as osp
 import pickle
 from typing import Any, Callable, List, Tuple, Union
@@ -46,9 +51,14 @@ def _history_buffer_attr(owner: Any, name: str) -> Callable:
 
 
 def safe_globals() -> List[Union[Callable, Tuple[Callable, str]]]:
-    """The globals an MMEngine checkpoint holds besides what torch allows by default."""
+    """The globals our checkpoints hold besides what torch allows by default.
+
+    Those of MMEngine's (and so mmdet's) checkpoints and the official release's
+    ``argparse.Namespace``.
+    """
     entries: List[Union[Callable, Tuple[Callable, str]]] = [
-        HistoryBuffer, np.ndarray, np.dtype, (_history_buffer_attr, 'builtins.getattr')]
+        HistoryBuffer, np.ndarray, np.dtype, (_history_buffer_attr, 'builtins.getattr'),
+        argparse.Namespace]
     entries += [type(np.dtype(name)) for name in _NUMERIC_DTYPES]
     # numpy 2 pickles as numpy._core.multiarray, numpy 1 as numpy.core.multiarray.
     for module in ('numpy._core.multiarray', 'numpy.core.multiarray'):
@@ -57,7 +67,21 @@ def safe_globals() -> List[Union[Callable, Tuple[Callable, str]]]:
 
 
 def load_local_checkpoint(filename: str, map_location: Any = None) -> Any:
-    """MMEngine's local-file loader, with a refusal that says what to do."""
+    """MMEngine's local-file loader, with a refusal that says what to do.
+
+    The checkpoint converters load their input with it too.
+
+    Args:
+        filename: Path of the checkpoint.
+        map_location: ``torch.load``'s ``map_location``.
+
+    Returns:
+        What the file holds.
+
+    Raises:
+        FileNotFoundError: no such file.
+        pickle.UnpicklingError: the file holds types outside the allow-list.
+    """
     filename = osp.expanduser(filename)
     if not osp.isfile(filename):
         raise FileNotFoundError(f'{filename} can not be found.')
@@ -71,7 +95,7 @@ def load_local_checkpoint(filename: str, map_location: Any = None) -> Any:
         listed = f' It holds {", ".join(sorted(unsafe))}.' if unsafe else ''
         raise pickle.UnpicklingError(
             f'Refused to load {filename}: it holds objects that are neither tensors nor '
-            'the types of MMEngine checkpoints (allow-listed by '
+            'the types of MMEngine or official Deformable-DETR checkpoints (allow-listed by '
             f'projects.deformable_detr.safe_checkpoint), and unpickling them could run '
             f'code.{listed} Inspect it with torch.serialization.'
             'get_unsafe_globals_in_checkpoint(path). If you trust its source, allow those '
@@ -81,7 +105,7 @@ def load_local_checkpoint(filename: str, map_location: Any = None) -> Any:
 
 
 def allow_mmengine_checkpoints() -> None:
-    """Allow-lists the types of MMEngine checkpoints and installs the local loader.
+    """Allow-lists the types of our checkpoints and installs the local loader.
 
     Idempotent: torch keeps the allow-list in a set, and the loader replaces
     MMEngine's ``''`` (local path) scheme by the same function each time.

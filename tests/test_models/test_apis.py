@@ -1,10 +1,8 @@
 """mmdet's inference API with our configs, and a training step that learns."""
-import os
 
 import numpy as np
 import pytest
 import torch
-from helpers import OUR_CONFIGS, VARIANTS, make_batch, small_model_cfg
 from mmdet.apis import inference_detector, init_detector
 from mmdet.registry import MODELS
 from mmengine.config import Config
@@ -14,8 +12,8 @@ from mmengine.registry import init_default_scope
 pytestmark = pytest.mark.usefixtures('one_thread')
 
 
-def test_init_detector_and_inference_detector():
-    cfg = Config.fromfile(os.path.join(OUR_CONFIGS, VARIANTS['twostage']))
+def test_init_detector_and_inference_detector(config_path):
+    cfg = Config.fromfile(config_path('twostage'))
     # A small test scale: a full R50 at 1333x800 is slow on a CPU.
     cfg.test_dataloader.dataset.pipeline[1].scale = (160, 128)
     model = init_detector(cfg, checkpoint=None, device='cpu')
@@ -29,13 +27,12 @@ def test_init_detector_and_inference_detector():
     assert ((pred.scores >= 0) & (pred.scores <= 1)).all() and pred.labels.max() < 80
 
 
-def test_training_steps_lower_the_loss():
+def test_training_steps_lower_the_loss(config_path, small_model_cfg, make_batch):
     """The config's optimiser (AdamW, lr multipliers, clipping) on one fixed batch."""
     init_default_scope('mmdet')
     torch.manual_seed(0)
-    cfg = Config.fromfile(os.path.join(OUR_CONFIGS, VARIANTS['refine']))
-    model = MODELS.build(small_model_cfg(os.path.join(OUR_CONFIGS, VARIANTS['refine']),
-                                         ours=True))
+    cfg = Config.fromfile(config_path('refine'))
+    model = MODELS.build(small_model_cfg('refine'))
     model.init_weights()
     optim_wrapper = build_optim_wrapper(model, cfg.optim_wrapper)
     # The data preprocessor's input: uint8 images and their data samples.

@@ -1,67 +1,48 @@
 """Checkpoint converters: mmdet -> ours, official Deformable-DETR -> ours."""
 import argparse
-import importlib.util
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
-from helpers import OUR_CONFIGS, ROOT, VARIANTS, build_pair, small_model_cfg
 from mmdet.registry import MODELS
 from mmengine.registry import init_default_scope
 
+from projects.deformable_detr.converters import COCO_IDS, mmdet_to_ours, official_to_ours
+
 pytestmark = pytest.mark.usefixtures('one_thread')
-CONVERTERS = os.path.join(ROOT, 'tools', 'model_converters')
-
-
-def load_tool(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(CONVERTERS, name + '.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-mmdet_to_ours = load_tool('mmdet_to_ours')
-official_to_ours = load_tool('official_to_ours')
-
-
-def run_tool(name, *args):
-    return subprocess.run([sys.executable, os.path.join(CONVERTERS, name + '.py'), *args],
-                          capture_output=True, text=True, cwd=ROOT)
 
 
 # -- mmdet -> ours ----------------------------------------------------------------
 
 
 @pytest.mark.parametrize('variant', ['plain', 'twostage'])
-def test_mmdet_checkpoint_loads_strictly_after_conversion(variant, tmp_path):
+def test_mmdet_checkpoint_loads_strictly_after_conversion(variant, tmp_path, build_pair,
+                                                          run_tool):
     theirs, ours = build_pair(variant)
-    converted = mmdet_to_ours.convert(theirs.state_dict())
+    converted = mmdet_to_ours(theirs.state_dict())
     ours.load_state_dict(converted, strict=True)
     assert all(converted[k].abs().sum() == 0 for k in converted if k.startswith('neck.') and
                k.endswith('conv.bias'))
     # The command line, on a file as mmengine saves it.
     src, dst = tmp_path / 'mmdet.pth', tmp_path / 'ours.pth'
     torch.save(dict(state_dict=theirs.state_dict(), meta=dict(epoch=50)), src)
-    result = run_tool('mmdet_to_ours', str(src), str(dst))
-    assert result.returncode == 0, result.stderr
+    run_tool(['tools/model_converters/mmdet_to_ours.py', str(src), str(dst)])
     saved = torch.load(dst, weights_only=True)
     ours.load_state_dict(saved['state_dict'], strict=True)
     assert saved['meta']['epoch'] == 50
 
 
-def test_mmdet_converter_errors(tmp_path):
+def test_mmdet_converter_errors(tmp_path, build_pair, run_tool):
     theirs, _ = build_pair('plain')
     state = theirs.state_dict()
     with pytest.raises(KeyError, match='level_embed'):
-        mmdet_to_ours.convert({k: v for k, v in state.items() if k != 'level_embed'})
+        mmdet_to_ours({k: v for k, v in state.items() if k != 'level_embed'})
     with pytest.raises(ValueError, match='roi_head.fc.weight'):
-        mmdet_to_ours.convert(dict(state, **{'roi_head.fc.weight': torch.zeros(1)}))
+        mmdet_to_ours(dict(state, **{'roi_head.fc.weight': torch.zeros(1)}))
     src = tmp_path / 'bad.pth'
     torch.save(dict(state_dict={'foo': torch.zeros(1)}), src)
-    result = run_tool('mmdet_to_ours', str(src), str(tmp_path / 'out.pth'))
+    result = run_tool(['tools/model_converters/mmdet_to_ours.py', str(src),
+                       str(tmp_path / 'out.pth')], check=False)
     assert result.returncode != 0 and 'missing level_embed' in result.stderr
 
 
@@ -106,7 +87,7 @@ def to_official(state, num_backbone_levels, refine, two_stage, gen):
         m = re.match(r'bbox_head\.cls_branches\.(\d+)\.(weight|bias)$', key)
         if m:  # 91 rows indexed by category id; the rows of unused ids are noise
             full = torch.randn((91, ) + value.shape[1:], generator=gen)
-            full[official_to_ours.COCO_IDS] = value
+            full[COCO_IDS] = value
             out[f'class_embed.{m[1]}.{m[2]}'] = full
             continue
         m = re.match(r'bbox_head\.reg_branches\.(\d+)\.(\d)\.(.*)$', key)
@@ -124,11 +105,11 @@ def to_official(state, num_backbone_levels, refine, two_stage, gen):
 
 
 @pytest.mark.parametrize('variant', ['plain', 'refine', 'twostage', 'singlescale'])
-def test_official_checkpoint_round_trip(variant, tmp_path):
+def test_official_checkpoint_round_trip(variant, tmp_path, small_model_cfg, run_tool):
     init_default_scope('mmdet')
     name = ('deformable-detr-singlescale_r50_16xb2-50e_coco.py'
-            if variant == 'singlescale' else VARIANTS[variant])
-    cfg = small_model_cfg(os.path.join(OUR_CONFIGS, name), ours=True)
+            if variant == 'singlescale' else variant)
+    cfg = small_model_cfg(name)
     gen = torch.Generator().manual_seed(0)
     source = MODELS.build(cfg)
     with torch.no_grad():
@@ -141,7 +122,7 @@ def test_official_checkpoint_round_trip(variant, tmp_path):
     assert 'transformer.decoder.layers.0.self_attn.in_proj_weight' in official
     assert 'backbone.0.body.layer4.1.bn2.running_var' in official
     assert ('input_proj.3.0.weight' in official) == (variant != 'singlescale')
-    converted = official_to_ours.convert(official)
+    converted = official_to_ours(official)
     target = MODELS.build(cfg)
     target.load_state_dict(converted, strict=True)
     for key, value in source.state_dict().items():
@@ -150,25 +131,24 @@ def test_official_checkpoint_round_trip(variant, tmp_path):
     # The command line, on a file shaped like the releases (args is a Namespace).
     src, dst = tmp_path / 'official.pth', tmp_path / 'ours.pth'
     torch.save(dict(model=official, args=argparse.Namespace(two_stage=False)), src)
-    result = run_tool('official_to_ours', str(src), str(dst))
-    assert result.returncode == 0, result.stderr
+    run_tool(['tools/model_converters/official_to_ours.py', str(src), str(dst)])
     target.load_state_dict(torch.load(dst, weights_only=True)['state_dict'], strict=True)
 
 
-def test_official_converter_errors():
+def test_official_converter_errors(small_model_cfg):
     init_default_scope('mmdet')
-    cfg = small_model_cfg(os.path.join(OUR_CONFIGS, VARIANTS['refine']), ours=True)
+    cfg = small_model_cfg('refine')
     gen = torch.Generator().manual_seed(0)
     official = to_official(MODELS.build(cfg).state_dict(), 3, True, False, gen)
     with pytest.raises(KeyError, match='transformer.level_embed'):
-        official_to_ours.convert({k: v for k, v in official.items()
+        official_to_ours({k: v for k, v in official.items()
                                   if k != 'transformer.level_embed'})
     with pytest.raises(ValueError, match='transformer.foo'):
-        official_to_ours.convert(dict(official, **{'transformer.foo': torch.zeros(1)}))
+        official_to_ours(dict(official, **{'transformer.foo': torch.zeros(1)}))
     broken = dict(official)
     broken['transformer.decoder.bbox_embed.0.layers.0.bias'] = torch.zeros(256)
     with pytest.raises(ValueError, match='not a copy'):
-        official_to_ours.convert(broken)
+        official_to_ours(broken)
     # Custom classes: --keep-classes keeps the rows as they are.
-    kept = official_to_ours.convert(official, class_ids=None)
+    kept = official_to_ours(official, class_ids=None)
     assert kept['bbox_head.cls_branches.0.weight'].shape[0] == 91

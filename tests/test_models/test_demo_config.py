@@ -1,7 +1,5 @@
 """The CPU demo config: it builds, runs a tiny epoch with COCO evaluation, and learns."""
-import importlib.util
 import os
-import sys
 
 import pytest
 import torch
@@ -10,28 +8,19 @@ pytest.importorskip('mmdet')
 pytest.importorskip('pycocotools')
 from mmengine.config import Config  # noqa: E402
 
+from projects.deformable_detr.datasets.synthetic import GenConfig, generate_split  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEMO_CONFIG = os.path.join(
     ROOT, 'configs', 'synthetic', 'deformable-detr-refine-twostage_r18_1xb8-synthetic.py')
-
-
-def _generator():
-    path = os.path.join(ROOT, 'tools', 'dataset_converters', 'synthetic_coco.py')
-    spec = importlib.util.spec_from_file_location('synthetic_coco', path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules['synthetic_coco'] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope='module')
 def cfg(tmp_path_factory):
     """The demo config pointed at a tiny freshly generated data set."""
     data = str(tmp_path_factory.mktemp('synthetic'))
-    _generator().main(['--out', data, '--num-train', '8', '--num-val', '4', '--seed', '1',
-                       '--no-validate'])
-    if ROOT not in sys.path:  # custom_imports of the project's modules
-        sys.path.insert(0, ROOT)
+    for split, num in (('train', 8), ('val', 4)):
+        generate_split(data, split, num, seed=1, cfg=GenConfig(), verbose=False)
     cfg = Config.fromfile(DEMO_CONFIG)
     for loader in (cfg.train_dataloader, cfg.val_dataloader, cfg.test_dataloader):
         loader.dataset.data_root = data + '/'

@@ -1,10 +1,8 @@
 """Shapes and initialisation of every module."""
 import math
-import os
 
 import pytest
 import torch
-from helpers import OUR_CONFIGS, make_batch, small_model_cfg
 from mmdet.registry import MODELS
 from mmengine.config import Config
 from mmengine.registry import init_default_scope
@@ -94,7 +92,7 @@ def test_decoder_returns_every_layer(refine, ref_dim):
     assert boxes.min() >= 0 and boxes.max() <= 1
 
 
-def test_head_init_and_predict():
+def test_head_init_and_predict(make_batch):
     head = DeformableDETRHead(num_classes=5, embed_dims=32, num_pred_layer=2,
                               share_pred_layer=True, test_cfg=dict(max_per_img=7))
     head.init_weights()
@@ -121,16 +119,16 @@ def test_head_init_and_predict():
     ('deformable-detr-refine_r50_16xb2-50e_coco.py', 40.9),
     ('deformable-detr-refine-twostage_r50_16xb2-50e_coco.py', 41.2),
 ])
-def test_paper_variants(name, params):
+def test_paper_variants(name, params, config_path, small_model_cfg, make_batch):
     """Every config builds, has the paper's size (34/34/40/41/41 M) and runs."""
     init_default_scope('mmdet')
-    cfg = Config.fromfile(os.path.join(OUR_CONFIGS, name))
+    cfg = Config.fromfile(config_path(name))
     cfg.model.backbone.init_cfg = None
     with torch.device('meta'):  # sizes only: no memory, no init cost
         model = MODELS.build(cfg.model)
     assert sum(p.numel() for p in model.parameters()) / 1e6 == pytest.approx(params, abs=0.05)
     # Run the tiny version (same neck / levels / flags) on two small images.
-    small_cfg = small_model_cfg(os.path.join(OUR_CONFIGS, name), ours=True)
+    small_cfg = small_model_cfg(name)
     if 'dc5' in name:  # dilation needs Bottleneck blocks, as in torchvision
         small_cfg.backbone.depth, small_cfg.neck.in_channels = 50, [2048]
     small = MODELS.build(small_cfg)
@@ -142,10 +140,9 @@ def test_paper_variants(name, params):
     assert cls.shape == (2, 2, 30, 80) and boxes.shape == (2, 2, 30, 4)
 
 
-def test_dc5_backbone_dilates_as_torchvision():
+def test_dc5_backbone_dilates_as_torchvision(config_path):
     init_default_scope('mmdet')
-    cfg = Config.fromfile(
-        os.path.join(OUR_CONFIGS, 'deformable-detr-singlescale-dc5_r50_16xb2-50e_coco.py'))
+    cfg = Config.fromfile(config_path('deformable-detr-singlescale-dc5_r50_16xb2-50e_coco.py'))
     cfg.model.backbone.init_cfg = None
     backbone = MODELS.build(cfg.model.backbone)
     assert backbone.layer4[0].conv2.dilation == (1, 1)

@@ -8,7 +8,6 @@ import copy
 
 import pytest
 import torch
-from helpers import build_pair, make_batch
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
@@ -19,7 +18,7 @@ BATCHES = {
 
 
 @pytest.fixture(scope='module', params=['plain', 'refine', 'twostage'])
-def pair(request):
+def pair(request, build_pair):
     return build_pair(request.param)
 
 
@@ -46,7 +45,7 @@ def assert_grads_close(actual, expected, rtol):
 
 
 @pytest.mark.parametrize('batch', list(BATCHES))
-def test_losses_and_gradients(pair, batch):
+def test_losses_and_gradients(pair, batch, make_batch):
     theirs, ours = pair
     inputs, samples = make_batch(**BATCHES[batch])
     their_losses, _ = losses_and_gradients(theirs, inputs, samples, torch.float32)
@@ -67,7 +66,7 @@ def test_losses_and_gradients(pair, batch):
 
 
 @pytest.mark.parametrize('batch', list(BATCHES))
-def test_predictions(pair, batch):
+def test_predictions(pair, batch, make_batch):
     theirs, ours = pair
     inputs, samples = make_batch(**BATCHES[batch])
     results = []

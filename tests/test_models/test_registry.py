@@ -1,8 +1,6 @@
 """Our modules live in the `ddetr` scope beside mmdet's same-named ones."""
-import os
 
 import pytest
-from helpers import MMDET_CONFIGS, OUR_CONFIGS, VARIANTS, small_model_cfg
 from mmdet.models.detectors import DeformableDETR as MMDetDeformableDETR
 from mmdet.models.task_modules import HungarianAssigner as MMDetHungarianAssigner
 from mmdet.registry import MODELS as MMDET_MODELS
@@ -15,12 +13,10 @@ from projects.deformable_detr import (MODELS, TASK_UTILS, DeformableDETR, Deform
 pytestmark = pytest.mark.usefixtures('one_thread')
 
 
-def test_both_deformable_detrs_build_in_one_process():
+def test_both_deformable_detrs_build_in_one_process(small_model_cfg):
     init_default_scope('mmdet')
-    ours = MMDET_MODELS.build(small_model_cfg(os.path.join(OUR_CONFIGS, VARIANTS['plain']),
-                                              ours=True))
-    theirs = MMDET_MODELS.build(
-        small_model_cfg(os.path.join(MMDET_CONFIGS, VARIANTS['plain']), ours=False))
+    ours = MMDET_MODELS.build(small_model_cfg('plain', ours=True))
+    theirs = MMDET_MODELS.build(small_model_cfg('plain', ours=False))
     assert type(ours) is DeformableDETR and type(theirs) is MMDetDeformableDETR
     assert type(ours.bbox_head) is DeformableDETRHead
     assert type(ours.bbox_head.criterion.assigner) is HungarianAssigner

@@ -1,25 +1,16 @@
-"""Smoke tests of tools/analysis_tools on the tiny run, in this process (runpy)."""
+"""The tools of tools/analysis_tools, run as commands on the tiny run's logs and results."""
+import json
 import os
 import os.path as osp
-import runpy
-import sys
-from typing import List
+import pickle
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
-from test_train_test import (ROOT, prediction_run, reference_run,  # noqa: E402
-                             tiny_setup)
+from projects.deformable_detr.flops import FLOP_HANDLES
 
-TOOLS = osp.join(ROOT, 'tools', 'analysis_tools')
-
-
-def run_main(tool: str, argv: List[str], monkeypatch) -> None:
-    """Runs tools/analysis_tools/TOOL.py as ``__main__`` with ``argv``."""
-    monkeypatch.setattr(sys, 'argv', [tool] + argv)
-    runpy.run_path(osp.join(TOOLS, tool), run_name='__main__')
+TOOLS = 'tools/analysis_tools'
 
 
 def json_log(work_dir: str) -> str:
@@ -28,60 +19,67 @@ def json_log(work_dir: str) -> str:
     return osp.join(work_dir, run, 'vis_data', f'{run}.json')
 
 
-def test_analyze_logs(tmp_path, monkeypatch, capsys):
-    log = json_log(reference_run())
+def test_analyze_logs(tmp_path, baseline_run, run_tool):
+    log = json_log(baseline_run)
     out = str(tmp_path / 'curves.png')
-    run_main('analyze_logs.py', ['plot_curve', log, log, '--keys', 'loss', 'coco/bbox_mAP',
-                                 '--legend', 'a', 'b', '--out', out], monkeypatch)
+    tool = f'{TOOLS}/analyze_logs.py'
+    run_tool([tool, 'plot_curve', log, log, '--keys', 'loss', 'coco/bbox_mAP',
+              '--legend', 'a', 'b', '--out', out])
     assert osp.getsize(out) > 1000
-    run_main('analyze_logs.py', ['cal_train_time', log], monkeypatch)
-    assert 'average iter time' in capsys.readouterr().out
-    with pytest.raises(KeyError, match='no log has the key'):
-        run_main('analyze_logs.py', ['plot_curve', log, '--keys', 'nope', '--out', out],
-                 monkeypatch)
+    assert 'average iter time' in run_tool([tool, 'cal_train_time', log]).stdout
+    proc = run_tool([tool, 'plot_curve', log, '--keys', 'nope', '--out', out], check=False)
+    assert proc.returncode != 0
+    assert 'KeyError' in proc.stderr and 'no log has the key' in proc.stderr
 
 
-def test_confusion_matrix_counts():
-    module = runpy.run_path(osp.join(TOOLS, 'confusion_matrix.py'), run_name='cm')
-    matrix = np.zeros((3, 3), dtype=np.int64)  # 2 classes + background
-    gt_bboxes = np.array([[0, 0, 10, 10], [20, 20, 30, 30], [40, 40, 50, 50]], np.float32)
-    gt_labels = np.array([0, 1, 1])
+def test_confusion_matrix_counts(tmp_path, tiny_setup, run_tool):
+    """One image whose detections make every kind of count, at the default thresholds."""
+    gts = [(1, [0, 0, 10, 10]), (2, [20, 20, 10, 10]), (2, [40, 40, 10, 10])]  # x, y, w, h
+    ann = dict(images=[dict(id=1, file_name='000.png', width=100, height=100)],
+               annotations=[dict(id=i + 1, image_id=1, category_id=c, bbox=b, area=100,
+                                 iscrowd=0) for i, (c, b) in enumerate(gts)],
+               categories=[dict(id=1, name='red'), dict(id=2, name='green')])
+    with open(tmp_path / 'ann.json', 'w') as f:
+        json.dump(ann, f)
     bboxes = np.array([[0, 0, 10, 10],      # class 0 on the class-0 box: right
                        [20, 20, 30, 31],    # class 0 on a class-1 box: confused
                        [60, 60, 70, 70],    # nothing there: false positive (class 1)
                        [40, 40, 50, 50]],   # below the score threshold: ignored
                       np.float32)
-    module['image_confusion'](matrix, gt_bboxes, gt_labels, bboxes,
-                              np.array([0.9, 0.8, 0.7, 0.1]), np.array([0, 0, 1, 1]),
-                              score_thr=0.3, tp_iou_thr=0.5)
+    results = [dict(img_id=1, pred_instances=dict(
+        bboxes=bboxes, scores=np.array([0.9, 0.8, 0.7, 0.1]), labels=np.array([0, 0, 1, 1])))]
+    with open(tmp_path / 'results.pkl', 'wb') as f:
+        pickle.dump(results, f)
+    run_tool([f'{TOOLS}/confusion_matrix.py', tiny_setup['config'], str(tmp_path / 'results.pkl'),
+              str(tmp_path / 'out'), '--cfg-options',
+              f'test_dataloader.dataset.ann_file={tmp_path / "ann.json"}'])
+    matrix = np.loadtxt(tmp_path / 'out' / 'confusion_matrix.txt', dtype=np.int64)
     np.testing.assert_array_equal(matrix, [[1, 0, 0],    # gt 0 -> pred 0
                                            [1, 0, 1],    # gt 1 -> pred 0, gt 1 missed
                                            [1, 1, 0]])   # false positives of 0 and 1
 
 
-def test_confusion_matrix_tool(tmp_path, monkeypatch):
-    results = osp.join(prediction_run(), 'results.pkl')
-    run_main('confusion_matrix.py', [tiny_setup()['config'], results, str(tmp_path),
-                                     '--score-thr', '0.0'], monkeypatch)
+def test_confusion_matrix_tool(tmp_path, tiny_setup, prediction_run, run_tool):
+    results = osp.join(prediction_run, 'results.pkl')
+    run_tool([f'{TOOLS}/confusion_matrix.py', tiny_setup['config'], results, str(tmp_path),
+              '--score-thr', '0.0'])
     assert osp.getsize(tmp_path / 'confusion_matrix.png') > 1000
     matrix = np.loadtxt(tmp_path / 'confusion_matrix.txt', dtype=np.int64)
     assert matrix.shape == (3, 3)
     assert matrix[-1].sum() > 0  # 10 detections an image on 1-2 objects: false positives
 
 
-def test_browse_dataset(tmp_path, monkeypatch):
-    run_main('browse_dataset.py', [tiny_setup()['config'], '--output-dir', str(tmp_path),
-                                   '--not-show', '--max-num', '3'], monkeypatch)
+def test_browse_dataset(tmp_path, tiny_setup, run_tool):
+    run_tool([f'{TOOLS}/browse_dataset.py', tiny_setup['config'], '--output-dir', str(tmp_path),
+              '--not-show', '--max-num', '3'])
     assert sorted(os.listdir(tmp_path)) == ['000.png', '001.png', '002.png']
 
 
-def test_get_flops(monkeypatch, capfd):
-    config = tiny_setup()['config']
-    run_main('get_flops.py', [config, '--shape', '64', '64'], monkeypatch)
-    out = capfd.readouterr().out
+def test_get_flops(tiny_setup, run_tool):
+    tool, config = f'{TOOLS}/get_flops.py', tiny_setup['config']
+    out = run_tool([tool, config, '--shape', '64', '64']).stdout
     assert 'Input shape: (64, 64)' in out and 'Flops: ' in out and 'Params: ' in out
-    run_main('get_flops.py', [config, '--num-images', '2'], monkeypatch)
-    assert '(mean of 2 images)' in capfd.readouterr().out
+    assert '(mean of 2 images)' in run_tool([tool, config, '--num-images', '2']).stdout
 
 
 def test_op_flop_handle():
@@ -90,37 +88,38 @@ def test_op_flop_handle():
     if not ops.has_kernel('cpu'):
         pytest.skip('ops._C is not built')
     from mmengine.analysis import FlopAnalyzer
-    handles = runpy.run_path(osp.join(TOOLS, 'get_flops.py'), run_name='flops')['HANDLES']
     bs, heads, dim, nq, levels, points = 2, 4, 8, 5, 2, 3
     shapes = torch.tensor([[4, 4], [2, 2]])
     starts = torch.tensor([0, 16])
 
     class Attend(torch.nn.Module):
         def forward(self, value, locations, weights):
-            return torch.ops.ddetr.multi_scale_deformable_attn(value, shapes, starts, locations, weights)
+            return torch.ops.ddetr.multi_scale_deformable_attn(value, shapes, starts, locations,
+                                                               weights)
 
     inputs = (torch.rand(bs, 20, heads, dim), torch.rand(bs, nq, heads, levels, points, 2),
               torch.rand(bs, nq, heads, levels, points))
-    flops = FlopAnalyzer(Attend(), inputs).set_op_handle(**handles)
+    flops = FlopAnalyzer(Attend(), inputs).set_op_handle(**FLOP_HANDLES)
     assert flops.total() == bs * nq * heads * levels * points * dim * 5
 
 
-def test_benchmark(monkeypatch, capfd):
-    checkpoint = osp.join(reference_run(), 'iter_8.pth')
-    config = tiny_setup()['config']
-    run_main('benchmark.py', [config, '--checkpoint', checkpoint, '--max-iter', '4',
-                              '--num-warmup', '1', '--log-interval', '2'], monkeypatch)
-    assert 'Overall fps' in capfd.readouterr().out
-    run_main('benchmark.py', [config, '--task', 'dataloader', '--max-iter', '3',
-                              '--num-warmup', '1', '--log-interval', '1'], monkeypatch)
-    assert 'batch/s' in capfd.readouterr().out
+def test_benchmark(tiny_setup, baseline_run, run_tool):
+    tool, config = f'{TOOLS}/benchmark.py', tiny_setup['config']
+    checkpoint = osp.join(baseline_run, 'iter_8.pth')
+    out = run_tool([tool, config, '--checkpoint', checkpoint, '--max-iter', '4',
+                    '--num-warmup', '1', '--log-interval', '2']).stdout
+    assert 'Overall fps' in out
+    out = run_tool([tool, config, '--task', 'dataloader', '--max-iter', '3',
+                    '--num-warmup', '1', '--log-interval', '1']).stdout
+    assert 'batch/s' in out
 
 
-def test_get_flops_counts_our_op(monkeypatch, capfd):
-    """With this project's model the deformable attention is one traced ddetr::multi_scale_deformable_attn."""
+def test_get_flops_counts_our_op(tiny_setup, run_tool):
+    """With this project's model the deformable attention is one traced op."""
     pytest.importorskip('ops')
-    run_main('get_flops.py', [tiny_setup()['ours'], '--shape', '64', '64'], monkeypatch)
-    out = capfd.readouterr().out
+    out = run_tool([f'{TOOLS}/get_flops.py', tiny_setup['ours'], '--shape', '64', '64']).stdout
     assert 'Flops: ' in out
-    assert 'forward: ' in out  # FlopAnalyzer names ddetr::multi_scale_deformable_attn by its op name
-    assert 'ddetr::multi_scale_deformable_attn' not in out.split('Not counted')[-1]
+    counted, _, not_counted = out.partition('Not counted')
+    # FlopAnalyzer lists an op by the last part of its name
+    assert 'multi_scale_deformable_attn: ' in counted.split('Flops by operator')[-1]
+    assert 'multi_scale_deformable_attn' not in not_counted

@@ -3,20 +3,15 @@ import io
 import os
 import os.path as osp
 import pickle
-import sys
 import zipfile
 
 import numpy as np
 import pytest
 import torch
+from mmengine.logging import HistoryBuffer
+from mmengine.runner import CheckpointLoader
 
-sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
-from test_train_test import reference_run  # noqa: E402
-
-from mmengine.logging import HistoryBuffer  # noqa: E402
-from mmengine.runner import CheckpointLoader  # noqa: E402
-
-from projects.deformable_detr import safe_checkpoint  # noqa: E402
+from projects.deformable_detr import safe_checkpoint
 
 
 class RunsCode:
@@ -35,8 +30,8 @@ def _save(obj, path) -> str:
     return str(path)
 
 
-def test_runner_checkpoint_loads_with_weights_only_default():
-    path = osp.join(reference_run(), 'iter_8.pth')
+def test_runner_checkpoint_loads_with_weights_only_default(baseline_run):
+    path = osp.join(baseline_run, 'iter_8.pth')
     ckpt = torch.load(path)  # weights_only=True is torch's default
     assert set(ckpt) >= {'meta', 'state_dict', 'message_hub', 'optimizer',
                          'param_schedulers'}
@@ -45,16 +40,16 @@ def test_runner_checkpoint_loads_with_weights_only_default():
     assert np.isfinite(scalars['train/loss'].mean())
     assert isinstance(ckpt['message_hub']['runtime_info']['eta'], np.floating)
     assert 'best_score' in ckpt['message_hub']['runtime_info']  # save_best's
-    for name in os.listdir(reference_run()):  # iter_2..8 and the best
+    for name in os.listdir(baseline_run):  # iter_2..8 and the best
         if name.endswith('.pth'):
-            full = osp.join(reference_run(), name)
+            full = osp.join(baseline_run, name)
             assert torch.serialization.get_unsafe_globals_in_checkpoint(full) == [], name
     # and through MMEngine, as the Runner's resume and load_from do
     assert CheckpointLoader.load_checkpoint(path, map_location='cpu')['meta']['iter'] == 8
 
 
-def test_runner_checkpoint_needs_the_allow_list():
-    path = osp.join(reference_run(), 'iter_8.pth')
+def test_runner_checkpoint_needs_the_allow_list(baseline_run):
+    path = osp.join(baseline_run, 'iter_8.pth')
     kept = torch.serialization.get_safe_globals()
     torch.serialization.clear_safe_globals()
     try:
@@ -123,3 +118,16 @@ def test_numpy1_checkpoints_load(tmp_path):
     loaded = torch.load(io.BytesIO(old.read_bytes()))
     np.testing.assert_array_equal(loaded['a'], np.arange(3.))
     assert loaded['s'] == np.float32(2.5) and loaded['s'].dtype == np.float32
+
+
+def test_mmdet_converter_reads_runner_checkpoints(tmp_path, baseline_run, run_tool):
+    """tools/model_converters/mmdet_to_ours.py on what MMEngine's Runner saves for mmdet's
+    model (message hub, numpy scalars): the converters share the allow-list."""
+    src, dst = osp.join(baseline_run, 'iter_8.pth'), str(tmp_path / 'ours.pth')
+    run_tool(['tools/model_converters/mmdet_to_ours.py', src, dst])
+    source, converted = torch.load(src), torch.load(dst)
+    assert converted['meta']['iter'] == 8 and converted['meta']['converted_from'] == 'mmdet'
+    added = set(converted['state_dict']) - set(source['state_dict'])
+    assert added and all(k.startswith('neck.') and k.endswith('.conv.bias') for k in added)
+    for key, value in source['state_dict'].items():
+        assert torch.equal(converted['state_dict'][key], value), key

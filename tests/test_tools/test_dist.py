@@ -5,12 +5,8 @@
 import os.path as osp
 import pickle
 import socket
-import sys
 
 import numpy as np
-
-sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
-from test_train_test import read_records, reference_run, run_tool, tiny_setup  # noqa: E402
 
 
 def free_port() -> int:
@@ -19,15 +15,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_dist_train_matches_single_process(tmp_path):
-    setup = tiny_setup()
+def test_dist_train_matches_single_process(tmp_path, tiny_setup, baseline_run, run_tool,
+                                           read_records):
     work_dir = str(tmp_path / 'dist')
-    run_tool(['bash', 'tools/dist_train.sh', setup['config'], '2', '--work-dir', work_dir,
+    run_tool(['bash', 'tools/dist_train.sh', tiny_setup['config'], '2', '--work-dir', work_dir,
               '--cfg-options', 'train_dataloader.batch_size=1', 'train_cfg.max_iters=4',
               'env_cfg.dist_cfg.backend=gloo', 'train_cfg.val_interval=100'],
              env=dict(PORT=str(free_port())))
     ranks = [read_records(work_dir, rank) for rank in (0, 1)]
-    single = read_records(reference_run())  # 1 process x batch 2, same seed
+    single = read_records(baseline_run)  # 1 process x batch 2, same seed
     for it in range(1, 5):
         ids = [ranks[r][it]['img_ids'] for r in (0, 1)]
         assert all(len(i) == 1 for i in ids)
@@ -46,11 +42,10 @@ def test_dist_train_matches_single_process(tmp_path):
     assert osp.isfile(osp.join(work_dir, 'iter_4.pth'))
 
 
-def test_dist_test_collects_all_predictions(tmp_path):
-    setup = tiny_setup()
+def test_dist_test_collects_all_predictions(tmp_path, tiny_setup, baseline_run, run_tool):
     out = str(tmp_path / 'results.pkl')
-    proc = run_tool(['bash', 'tools/dist_test.sh', setup['config'],
-                     osp.join(reference_run(), 'iter_8.pth'), '2', '--work-dir', str(tmp_path),
+    proc = run_tool(['bash', 'tools/dist_test.sh', tiny_setup['config'],
+                     osp.join(baseline_run, 'iter_8.pth'), '2', '--work-dir', str(tmp_path),
                      '--out', out], env=dict(PORT=str(free_port())))
     assert 'coco/bbox_mAP' in proc.stdout + proc.stderr
     with open(out, 'rb') as f:

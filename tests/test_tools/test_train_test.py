@@ -1,273 +1,16 @@
 """tools/train.py and tools/test.py end to end on a tiny Deformable DETR and tiny data.
 
-Also the helpers the other tests of tools/ share (``from test_train_test import ...``):
-a tiny COCO data set drawn here, a tiny config, a hook module that records per-rank
-losses and image ids (and can SIGKILL its own process), and one reference training
-run, made once per session.
+The data, configs and the shared runs are fixtures of ``conftest.py``.
 """
-import atexit
-import functools
-import json
 import os
 import os.path as osp
 import pickle
-import shutil
-import subprocess
-import sys
-import tempfile
-from typing import Dict, List, Optional
 
 import numpy as np
-import pytest
-
-ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
-TIMEOUT = 240
-if ROOT not in sys.path:  # projects.deformable_detr, ops, whatever the working directory
-    sys.path.insert(0, ROOT)
-
-pytest.importorskip('mmdet')
-
-# mmdet's own Deformable DETR (scope mmdet), 2 classes, 64 px images, d=32, one encoder
-# and one decoder layer, no dropout, frozen BN: deterministic on the CPU, and 2 processes
-# x batch 1 compute what 1 process x batch 2 does.
-TINY_CONFIG = '''
-data_root = {data_root!r}
-custom_imports = dict(imports=['tiny_hooks'], allow_failed_imports=False)
-custom_hooks = [dict(type='RecordHook')]
-metainfo = dict(classes=('red', 'green'), palette=[(220, 20, 60), (0, 200, 80)])
-d = 32
-attn = dict(embed_dims=d, num_heads=4, num_levels=2, num_points=2, dropout=0.0,
-            batch_first=True)
-ffn = dict(embed_dims=d, feedforward_channels=64, ffn_drop=0.0)
-model = dict(
-    type='DeformableDETR', num_queries=10, num_feature_levels=2,
-    with_box_refine=False, as_two_stage=False,
-    data_preprocessor=dict(type='DetDataPreprocessor', mean=[123.675, 116.28, 103.53],
-                           std=[58.395, 57.12, 57.375], bgr_to_rgb=True, pad_size_divisor=1),
-    backbone=dict(type='ResNet', depth=18, base_channels=8, num_stages=4, out_indices=(2, 3),
-                  frozen_stages=-1, norm_cfg=dict(type='BN', requires_grad=False),
-                  norm_eval=True, style='pytorch', init_cfg=None),
-    neck=dict(type='ChannelMapper', in_channels=[32, 64], kernel_size=1, out_channels=d,
-              act_cfg=None, norm_cfg=dict(type='GN', num_groups=8), num_outs=2),
-    encoder=dict(num_layers=1, layer_cfg=dict(self_attn_cfg=attn, ffn_cfg=ffn)),
-    decoder=dict(num_layers=1, return_intermediate=True, post_norm_cfg=None,
-                 layer_cfg=dict(self_attn_cfg=dict(embed_dims=d, num_heads=4, dropout=0.0,
-                                                   batch_first=True),
-                                cross_attn_cfg=attn, ffn_cfg=ffn)),
-    positional_encoding=dict(num_feats=d // 2, normalize=True, offset=-0.5),
-    bbox_head=dict(type='DeformableDETRHead', num_classes=2, embed_dims=d,
-                   sync_cls_avg_factor=True,
-                   loss_cls=dict(type='FocalLoss', use_sigmoid=True, gamma=2.0, alpha=0.25,
-                                 loss_weight=2.0),
-                   loss_bbox=dict(type='L1Loss', loss_weight=5.0),
-                   loss_iou=dict(type='GIoULoss', loss_weight=2.0)),
-    train_cfg=dict(assigner=dict(type='HungarianAssigner', match_costs=[
-        dict(type='FocalLossCost', weight=2.0),
-        dict(type='BBoxL1Cost', weight=5.0, box_format='xywh'),
-        dict(type='IoUCost', iou_mode='giou', weight=2.0)])),
-    test_cfg=dict(max_per_img=10))
-
-pipeline = [
-    dict(type='LoadImageFromFile'),
-    dict(type='LoadAnnotations', with_bbox=True),
-    dict(type='Resize', scale=(64, 64), keep_ratio=True),
-    dict(type='PackDetInputs',
-         meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape', 'scale_factor')),
-]
-dataset = dict(type='CocoDataset', data_root=data_root, metainfo=metainfo,
-               ann_file='ann.json', data_prefix=dict(img='images/'),
-               filter_cfg=dict(filter_empty_gt=False), pipeline=pipeline)
-train_dataloader = dict(batch_size=2, num_workers=0, persistent_workers=False,
-                        sampler=dict(type='DefaultSampler', shuffle=True), dataset=dataset)
-val_dataloader = dict(batch_size=2, num_workers=0, persistent_workers=False, drop_last=False,
-                      sampler=dict(type='DefaultSampler', shuffle=False),
-                      dataset=dict(dataset, test_mode=True))
-test_dataloader = val_dataloader
-val_evaluator = dict(type='CocoMetric', ann_file=data_root + '/ann.json', metric='bbox')
-test_evaluator = val_evaluator
-
-optim_wrapper = dict(type='OptimWrapper',
-                     optimizer=dict(type='AdamW', lr=1e-3, weight_decay=1e-4),
-                     clip_grad=dict(max_norm=1.0, norm_type=2))
-train_cfg = dict(type='IterBasedTrainLoop', max_iters=8, val_interval=8)
-val_cfg = dict(type='ValLoop')
-test_cfg = dict(type='TestLoop')
-param_scheduler = [dict(type='MultiStepLR', by_epoch=False, begin=0, end=8, milestones=[6])]
-auto_scale_lr = dict(base_batch_size=2, enable=False)
-
-default_scope = 'mmdet'
-default_hooks = dict(
-    timer=dict(type='IterTimerHook'),
-    logger=dict(type='LoggerHook', interval=1),
-    param_scheduler=dict(type='ParamSchedulerHook'),
-    checkpoint=dict(type='CheckpointHook', interval=2, by_epoch=False, max_keep_ckpts=10,
-                    save_best='coco/bbox_mAP', rule='greater'),
-    sampler_seed=dict(type='DistSamplerSeedHook'),
-    visualization=dict(type='DetVisualizationHook'))
-env_cfg = dict(cudnn_benchmark=False, mp_cfg=dict(mp_start_method='fork',
-                                                  opencv_num_threads=0),
-               dist_cfg=dict(backend='gloo'))
-vis_backends = [dict(type='LocalVisBackend')]
-visualizer = dict(type='DetLocalVisualizer', vis_backends=vis_backends, name='visualizer')
-log_processor = dict(type='LogProcessor', window_size=1, by_epoch=False)
-log_level = 'INFO'
-load_from = None
-resume = False
-randomness = dict(seed=0)
-'''
-
-# The same, with this project's model (scope ddetr, our op) in place of mmdet's.
-TINY_OURS_CONFIG = '''
-_base_ = './tiny_ddetr.py'
-custom_imports = dict(imports=['tiny_hooks', 'projects.deformable_detr'],
-                      allow_failed_imports=False)
-layers = dict(num_layers=1, embed_dims=32, num_heads=4, num_points=2,
-              feedforward_channels=64, dropout=0.0)
-model = dict(
-    _delete_=True, type='ddetr.DeformableDETR', num_queries=10, num_feature_levels=2,
-    data_preprocessor={{_base_.model.data_preprocessor}},
-    backbone={{_base_.model.backbone}}, neck={{_base_.model.neck}},
-    encoder=layers, decoder=layers,
-    bbox_head=dict(type='ddetr.DeformableDETRHead', num_classes=2, embed_dims=32),
-    train_cfg=dict(assigner=dict(type='ddetr.HungarianAssigner', cls_weight=2.0,
-                                 l1_weight=5.0, giou_weight=2.0)),
-    test_cfg=dict(max_per_img=10))
-'''
-
-# RecordHook: one json line per training iteration and rank (losses, gradient norm,
-# image ids, the dtype of the first Linear's output) in WORK_DIR/record_rank{R}.jsonl;
-# with KILL_AT_ITER=N in the environment it SIGKILLs its own process after iteration N.
-HOOKS_MODULE = '''
-import json, os, os.path as osp, signal
-import torch
-from mmengine.dist import get_rank
-from mmengine.hooks import Hook
-from mmdet.registry import HOOKS
 
 
-@HOOKS.register_module()
-class RecordHook(Hook):
-    def before_train(self, runner):
-        self.dtype = None
-        model = getattr(runner.model, 'module', runner.model)
-        linear = next(m for m in model.modules() if isinstance(m, torch.nn.Linear))
-
-        def keep(module, args, out):
-            self.dtype = str(out.dtype)
-        linear.register_forward_hook(keep)
-
-    def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
-        rank = get_rank()
-        line = dict(rank=rank, iter=runner.iter + 1, dtype=self.dtype,
-                    img_ids=[s.img_id for s in data_batch['data_samples']],
-                    **{k: float(v) for k, v in outputs.items()})
-        scalars = runner.message_hub.log_scalars
-        if 'train/grad_norm' in scalars:
-            line['grad_norm'] = float(scalars['train/grad_norm'].current())
-        with open(osp.join(runner.work_dir, f'record_rank{rank}.jsonl'), 'a') as f:
-            f.write(json.dumps(line) + '\\n')
-        if int(os.environ.get('KILL_AT_ITER', -1)) == runner.iter + 1:
-            os.kill(os.getpid(), signal.SIGKILL)
-'''
-
-
-def make_tiny_coco(root: str, num_images: int = 8, size: int = 64, seed: int = 0) -> None:
-    """``num_images`` PNGs with 1-2 coloured rectangles (2 classes) and a COCO json."""
-    import cv2
-    rng = np.random.default_rng(seed)
-    os.makedirs(osp.join(root, 'images'), exist_ok=True)
-    images, anns = [], []
-    for i in range(num_images):
-        img = np.full((size, size, 3), 40, np.uint8)
-        for _ in range(int(rng.integers(1, 3))):
-            w, h = (int(v) for v in rng.integers(12, 30, 2))
-            x, y = int(rng.integers(0, size - w)), int(rng.integers(0, size - h))
-            label = int(rng.integers(0, 2))
-            img[y:y + h, x:x + w] = (60, 60, 220) if label == 0 else (60, 200, 60)
-            anns.append(dict(id=len(anns) + 1, image_id=i + 1, category_id=label + 1,
-                             bbox=[x, y, w, h], area=w * h, iscrowd=0))
-        cv2.imwrite(osp.join(root, 'images', f'{i:03d}.png'), img)
-        images.append(dict(id=i + 1, file_name=f'{i:03d}.png', width=size, height=size))
-    with open(osp.join(root, 'ann.json'), 'w') as f:
-        json.dump(dict(images=images, annotations=anns,
-                       categories=[dict(id=1, name='red'), dict(id=2, name='green')]), f)
-
-
-@functools.lru_cache(maxsize=None)
-def tiny_setup() -> Dict[str, str]:
-    """Data, config and hook module in a temporary directory (once per session)."""
-    tmp = tempfile.mkdtemp(prefix='ddetr_tools_')
-    atexit.register(shutil.rmtree, tmp, ignore_errors=True)
-    make_tiny_coco(osp.join(tmp, 'data'))
-    config = osp.join(tmp, 'tiny_ddetr.py')
-    with open(config, 'w') as f:
-        f.write(TINY_CONFIG.format(data_root=osp.join(tmp, 'data')))
-    with open(osp.join(tmp, 'tiny_ours.py'), 'w') as f:
-        f.write(TINY_OURS_CONFIG)
-    with open(osp.join(tmp, 'tiny_hooks.py'), 'w') as f:
-        f.write(HOOKS_MODULE)
-    if tmp not in sys.path:  # for the tools run in this process
-        sys.path.insert(0, tmp)
-    return dict(tmp=tmp, config=config, ours=osp.join(tmp, 'tiny_ours.py'),
-                data=osp.join(tmp, 'data'))
-
-
-def run_tool(args: List[str], env: Optional[Dict[str, str]] = None,
-             check: bool = True) -> subprocess.CompletedProcess:
-    """Runs ``args`` (e.g. ['tools/train.py', ...] or ['bash', ...]) niced, from the root."""
-    setup = tiny_setup()
-    full_env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', PYTHONFAULTHANDLER='1',
-                    PYTHONPATH=os.pathsep.join([setup['tmp'], ROOT,
-                                                os.environ.get('PYTHONPATH', '')]))
-    full_env.update(env or {})
-    cmd = ['nice', '-n', '5'] + ([sys.executable] if args[0].endswith('.py') else []) + args
-    proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True,
-                          timeout=TIMEOUT)
-    if check and proc.returncode != 0:
-        raise AssertionError(f'{" ".join(args)} exited with {proc.returncode}:\n'
-                             f'{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}')
-    return proc
-
-
-def read_records(work_dir: str, rank: int = 0) -> Dict[int, dict]:
-    """RecordHook's lines by iteration (a resumed run's later line wins)."""
-    with open(osp.join(work_dir, f'record_rank{rank}.jsonl')) as f:
-        return {r['iter']: r for r in map(json.loads, f)}
-
-
-def last_metrics(work_dir: str) -> dict:
-    """The last validation line of the run's json log (scalars.json)."""
-    runs = sorted(d for d in os.listdir(work_dir) if osp.isdir(osp.join(work_dir, d))
-                  and osp.isfile(osp.join(work_dir, d, 'vis_data', 'scalars.json')))
-    with open(osp.join(work_dir, runs[-1], 'vis_data', 'scalars.json')) as f:
-        lines = [json.loads(line) for line in f]
-    return [line for line in lines if 'coco/bbox_mAP' in line][-1]
-
-
-@functools.lru_cache(maxsize=None)
-def reference_run() -> str:
-    """The uninterrupted tiny training (8 iterations, batch 2): its work dir."""
-    setup = tiny_setup()
-    work_dir = osp.join(setup['tmp'], 'reference')
-    run_tool(['tools/train.py', setup['config'], '--work-dir', work_dir])
-    return work_dir
-
-
-@functools.lru_cache(maxsize=None)
-def prediction_run() -> str:
-    """tools/test.py on the reference run's last checkpoint, with --out and --show-dir."""
-    setup, work_dir = tiny_setup(), reference_run()
-    out_dir = osp.join(setup['tmp'], 'test_out')
-    proc = run_tool(['tools/test.py', setup['config'], osp.join(work_dir, 'iter_8.pth'),
-                     '--work-dir', out_dir, '--out', osp.join(out_dir, 'results.pkl'),
-                     '--show-dir', 'vis'])
-    with open(osp.join(out_dir, 'stdout.txt'), 'w') as f:
-        f.write(proc.stdout + proc.stderr)
-    return out_dir
-
-
-def test_train_writes_checkpoints_logs_and_metrics():
-    work_dir = reference_run()
+def test_train_writes_checkpoints_logs_and_metrics(baseline_run, read_records, last_metrics):
+    work_dir = baseline_run
     for i in (2, 4, 6, 8):
         assert osp.isfile(osp.join(work_dir, f'iter_{i}.pth'))
     records = read_records(work_dir)
@@ -277,8 +20,8 @@ def test_train_writes_checkpoints_logs_and_metrics():
     assert last_metrics(work_dir)['coco/bbox_mAP'] >= 0
 
 
-def test_test_dumps_predictions_and_draws_them():
-    out_dir = prediction_run()
+def test_test_dumps_predictions_and_draws_them(prediction_run):
+    out_dir = prediction_run
     with open(osp.join(out_dir, 'stdout.txt')) as f:
         assert 'coco/bbox_mAP' in f.read()
     with open(osp.join(out_dir, 'results.pkl'), 'rb') as f:
@@ -290,16 +33,15 @@ def test_test_dumps_predictions_and_draws_them():
     assert len(drawn) == 8
 
 
-def test_test_tta(tmp_path):
-    setup, work_dir = tiny_setup(), reference_run()
-    proc = run_tool(['tools/test.py', setup['config'], osp.join(work_dir, 'iter_8.pth'),
+def test_test_tta(tmp_path, tiny_setup, baseline_run, run_tool):
+    proc = run_tool(['tools/test.py', tiny_setup['config'], osp.join(baseline_run, 'iter_8.pth'),
                      '--work-dir', str(tmp_path), '--tta'])
     assert 'coco/bbox_mAP' in proc.stdout + proc.stderr
 
 
-def test_amp_trains_in_bfloat16_on_cpu_and_auto_scale_lr(tmp_path):
-    setup = tiny_setup()
-    proc = run_tool(['tools/train.py', setup['config'], '--work-dir', str(tmp_path), '--amp',
+def test_amp_trains_in_bfloat16_on_cpu_and_auto_scale_lr(tmp_path, tiny_setup, baseline_run,
+                                                        run_tool, read_records):
+    proc = run_tool(['tools/train.py', tiny_setup['config'], '--work-dir', str(tmp_path), '--amp',
                      '--auto-scale-lr', '--cfg-options', 'train_cfg.max_iters=3',
                      'auto_scale_lr.base_batch_size=1', 'train_cfg.val_interval=100',
                      'default_hooks.checkpoint.interval=100'])
@@ -310,15 +52,15 @@ def test_amp_trains_in_bfloat16_on_cpu_and_auto_scale_lr(tmp_path):
     for r in records.values():
         assert r['dtype'] == 'torch.bfloat16'
         assert np.isfinite(r['loss'])
-    reference = read_records(reference_run())
+    baseline = read_records(baseline_run)
     # same data and initial weights: bfloat16 changes the first loss only slightly
-    assert records[1]['loss'] != reference[1]['loss']
-    assert abs(records[1]['loss'] - reference[1]['loss']) < 0.05 * reference[1]['loss']
+    assert records[1]['loss'] != baseline[1]['loss']
+    assert abs(records[1]['loss'] - baseline[1]['loss']) < 0.05 * baseline[1]['loss']
 
 
-def test_train_and_test_our_model(tmp_path):
+def test_train_and_test_our_model(tmp_path, tiny_setup, run_tool, read_records):
     """The tools with this project's Deformable DETR (ddetr scope, our op)."""
-    config = tiny_setup()['ours']
+    config = tiny_setup['ours']
     run_tool(['tools/train.py', config, '--work-dir', str(tmp_path), '--cfg-options',
               'train_cfg.max_iters=2', 'train_cfg.val_interval=2'])
     records = read_records(str(tmp_path))

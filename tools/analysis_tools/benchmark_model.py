@@ -10,7 +10,6 @@ that the two models agree on the losses.
 """
 import argparse
 import copy
-import importlib.util
 import logging
 import os
 import statistics
@@ -31,7 +30,7 @@ from mmengine.logging import MMLogger  # noqa: E402
 from mmengine.registry import init_default_scope  # noqa: E402
 from mmengine.structures import InstanceData  # noqa: E402
 
-import projects.deformable_detr  # noqa: E402,F401
+from projects.deformable_detr.converters import mmdet_to_ours  # noqa: E402
 
 OURS = os.path.join(ROOT, 'configs', 'deformable_detr', 'deformable-detr_r50_16xb2-50e_coco.py')
 THEIRS = os.path.join(os.path.dirname(mmdet.__file__), '.mim', 'configs', 'deformable_detr',
@@ -61,11 +60,7 @@ def build_models(args: argparse.Namespace):
         models.append(MODELS.build(cfg.model))
     theirs, ours = models
     theirs.init_weights()
-    spec = importlib.util.spec_from_file_location(
-        'mmdet_to_ours', os.path.join(ROOT, 'tools', 'model_converters', 'mmdet_to_ours.py'))
-    converter = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(converter)
-    ours.load_state_dict(converter.convert(theirs.state_dict()), strict=True)
+    ours.load_state_dict(mmdet_to_ours(theirs.state_dict()), strict=True)
     return theirs, ours
 
 

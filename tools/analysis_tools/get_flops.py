@@ -4,55 +4,32 @@
 
 Counts with MMEngine's ``FlopAnalyzer`` (the analyzer behind
 ``mmengine.analysis.get_model_complexity_info``; fvcore's convention: one
-multiply-add is one FLOP). Tracing sees our op as one node, ``ddetr::multi_scale_deformable_attn``, that
-no default handle knows; :func:`multi_scale_deformable_attn_flop_jit` counts it (and :func:`sdpa_flop_jit`
-the decoder's fused self-attention). Without ``--shape`` the
-count is averaged over the first ``--num-images`` images of the test set after its
-pipeline, as the DETR papers report it; with ``--shape H W`` it is for one H x W input.
+multiply-add is one FLOP). Tracing sees our op as one node,
+``ddetr::multi_scale_deformable_attn``, that no default handle knows;
+:mod:`projects.deformable_detr.flops` counts it (and the decoder's fused
+self-attention). Without ``--shape`` the count is averaged over the first
+``--num-images`` images of the test set after its pipeline, as the DETR papers report
+it; with ``--shape H W`` it is for one H x W input.
 """
 import argparse
 import os.path as osp
 import sys
 from functools import partial
-from typing import Any, List
+from typing import List
 
-ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from mmengine.analysis import FlopAnalyzer, parameter_count  # noqa: E402
-from mmengine.analysis.jit_handles import get_shape  # noqa: E402
 from mmengine.analysis.print_helper import _format_size, complexity_stats_table  # noqa: E402
 from mmengine.config import Config, DictAction  # noqa: E402
 from mmengine.registry import init_default_scope  # noqa: E402
 from mmengine.runner import Runner, load_checkpoint  # noqa: E402
 from mmengine.utils import ProgressBar  # noqa: E402
 
-import projects.deformable_detr.safe_checkpoint  # noqa: E402,F401
-
-
-def multi_scale_deformable_attn_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
-    """FLOPs of ``ddetr::multi_scale_deformable_attn(value, shapes, starts, locations, weights)``.
-
-    Every sampled point reads ``dim`` channels at 4 bilinear corners and scales the
-    result by its attention weight: 5 multiply-adds per channel and point.
-    """
-    bs, _, heads, dim = get_shape(inputs[0])
-    _, num_queries, _, levels, points, _ = get_shape(inputs[3])
-    return bs * num_queries * heads * levels * points * dim * 5
-
-
-def sdpa_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
-    """FLOPs of ``aten::scaled_dot_product_attention`` (q k^T, then weights x v)."""
-    q, k, v = (get_shape(x) for x in inputs[:3])
-    batch = int(np.prod(q[:-2]))
-    return batch * q[-2] * k[-2] * (q[-1] + v[-1])
-
-
-HANDLES = {'ddetr::multi_scale_deformable_attn': multi_scale_deformable_attn_flop_jit,
-           'aten::scaled_dot_product_attention': sdpa_flop_jit}
+import projects.deformable_detr.safe_checkpoint  # noqa: E402,F401  (--checkpoint)
+from projects.deformable_detr.flops import FLOP_HANDLES  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -77,7 +54,7 @@ def count(model: torch.nn.Module, data: dict) -> FlopAnalyzer:
     model.forward = partial(forward, data_samples=data['data_samples'], mode='tensor')
     try:
         flops = FlopAnalyzer(model, (data['inputs'],))
-        flops.set_op_handle(**HANDLES)
+        flops.set_op_handle(**FLOP_HANDLES)
         flops.total()  # traces now, while forward is patched
     finally:
         model.forward = forward

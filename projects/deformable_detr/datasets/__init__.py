@@ -1,0 +1,1 @@
+"""Data sets: the synthetic shapes generator (:mod:`.synthetic`)."""

@@ -1,0 +1,104 @@
+"""MMEngine runtime helpers of ``tools/train.py`` and ``tools/test.py``.
+
+- :class:`CPUAmpOptimWrapper`: ``--amp`` on a machine without an accelerator;
+- :func:`setup_amp`: picks the mixed-precision optimizer wrapper for ``--amp``;
+- :func:`setup_cpu_distributed`: ``--launcher pytorch`` without CUDA (gloo);
+- :func:`close_distributed`: tears the process group down before the process exits.
+"""
+import datetime
+import logging
+
+import torch
+from mmengine.config import Config
+from mmengine.logging import print_log
+from mmengine.optim import AmpOptimWrapper, OptimWrapper
+from mmengine.registry import OPTIM_WRAPPERS
+
+
+# In MMEngine's root registry, as MMEngine's own wrappers: found from every scope.
+@OPTIM_WRAPPERS.register_module()
+class CPUAmpOptimWrapper(AmpOptimWrapper):
+    """``AmpOptimWrapper`` that also runs on CPU: bfloat16 autocast, no loss scaling.
+
+    MMEngine's wrapper asserts an accelerator. bfloat16 keeps float32's exponent range,
+    so it needs no loss scaler; a disabled ``torch.amp.GradScaler`` makes ``scale``,
+    ``unscale_``, ``step`` and ``update`` plain pass-throughs.
+
+    Args:
+        loss_scale: Accepted for ``AmpOptimWrapper``'s signature; unused (no scaling).
+        dtype: The autocast dtype: ``'bfloat16'`` (the only one CPU autocast here runs).
+        **kwargs: ``OptimWrapper``'s arguments (optimizer, clip_grad...).
+    """
+
+    def __init__(self, loss_scale: str = 'dynamic', dtype: str = 'bfloat16', **kwargs):
+        OptimWrapper.__init__(self, **kwargs)
+        self._scale_update_param = None
+        self.loss_scaler = torch.amp.GradScaler('cpu', enabled=False)
+        self.cast_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        if self.cast_dtype != torch.bfloat16:
+            raise ValueError(f'CPU autocast here supports bfloat16 only, got {dtype}')
+
+
+def setup_amp(cfg: Config) -> None:
+    """``--amp``: MMEngine's AmpOptimWrapper on GPU, its bfloat16 CPU variant otherwise.
+
+    Args:
+        cfg: The config; its ``optim_wrapper`` is changed in place.
+    """
+    wrapper = cfg.optim_wrapper.get('type', 'OptimWrapper')
+    if wrapper not in ('OptimWrapper', 'AmpOptimWrapper', 'CPUAmpOptimWrapper'):
+        print_log(f'--amp: keeping optim_wrapper type {cfg.optim_wrapper.type}',
+                  logger='current', level=logging.WARNING)
+        return
+    if torch.cuda.is_available():
+        cfg.optim_wrapper.type = 'AmpOptimWrapper'
+        cfg.optim_wrapper.loss_scale = 'dynamic'
+    else:
+        cfg.optim_wrapper.type = 'CPUAmpOptimWrapper'
+        cfg.optim_wrapper.dtype = 'bfloat16'
+
+
+def setup_cpu_distributed(cfg: Config) -> None:
+    """Lets ``--launcher pytorch`` work without CUDA: gloo, DDP without device_ids.
+
+    MMEngine's ``init_dist`` calls ``torch.cuda.set_device``, which a CPU build of torch
+    lacks, so the process group is initialised here (the Runner then skips it).
+
+    Args:
+        cfg: The config, with ``launcher`` set; ``model_wrapper_cfg`` is set in place.
+
+    Raises:
+        NotImplementedError: a launcher other than ``pytorch`` without CUDA.
+    """
+    if cfg.launcher == 'none' or torch.cuda.is_available():
+        return
+    if cfg.launcher != 'pytorch':
+        raise NotImplementedError(f'--launcher {cfg.launcher} needs CUDA; on CPU use '
+                                  '--launcher pytorch (tools/dist_train.sh)')
+    dist_cfg = dict(cfg.get('env_cfg', {}).get('dist_cfg', {}))
+    dist_cfg.pop('init_backend', None)
+    if dist_cfg.get('backend', 'nccl') != 'gloo':
+        print_log(f"no CUDA: dist backend {dist_cfg.get('backend', 'nccl')} -> gloo",
+                  logger='current', level=logging.WARNING)
+    dist_cfg['backend'] = 'gloo'
+    if isinstance(dist_cfg.get('timeout'), (int, float)):
+        dist_cfg['timeout'] = datetime.timedelta(seconds=dist_cfg['timeout'])
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(**dist_cfg)
+    if cfg.get('model_wrapper_cfg') is None:
+        # The Runner's default passes device_ids=[LOCAL_RANK], which
+        # DistributedDataParallel refuses for a CPU module.
+        cfg.model_wrapper_cfg = dict(
+            type='MMDistributedDataParallel', device_ids=None, broadcast_buffers=False,
+            find_unused_parameters=cfg.get('find_unused_parameters', False))
+
+
+def close_distributed() -> None:
+    """Tears the process group down before exit (MMEngine leaves it to the interpreter).
+
+    Otherwise gloo's threads may still run while the process exits: "terminate called
+    without an active exception", SIGABRT, and torchrun reports the run as failed.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()

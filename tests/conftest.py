@@ -28,6 +28,7 @@ def _run_tool(args: Sequence[str], env: Optional[Dict[str, str]] = None, check: 
                     PYTHONFAULTHANDLER='1',
                     PYTHONPATH=os.pathsep.join([*pythonpath, ROOT,
                                                 os.environ.get('PYTHONPATH', '')]))
+    full_env.setdefault('PYTHON', sys.executable)  # the interpreter the .sh launchers run
     full_env.update(env or {})
     cmd = ['nice', '-n', '5'] + ([sys.executable] if args[0].endswith('.py') else []) + list(args)
     proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True,

@@ -13,6 +13,8 @@ from .hungarian_assigner import HungarianAssigner
 from .multi_scale_deformable_attention import MultiScaleDeformableAttention
 from .registry import MODELS, TASK_UTILS
 from .transformer import DeformableDecoder, DeformableEncoder
+# registers ddetr.CocoDataset and ddetr.CocoMetric (data set checks)
+from . import datasets  # noqa: F401
 
 __all__ = [
     'DeformableDETR', 'DeformableDETRHead', 'HungarianAssigner', 'SetCriterion',

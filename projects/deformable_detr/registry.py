@@ -51,3 +51,7 @@ TASK_UTILS = Registry('task util', parent=mmdet_registry.TASK_UTILS, scope='ddet
                       locations=['projects.deformable_detr'], build_func=build_here)
 HOOKS = Registry('hook', parent=mmdet_registry.HOOKS, scope='ddetr',
                  locations=['projects.deformable_detr'])
+DATASETS = Registry('dataset', parent=mmdet_registry.DATASETS, scope='ddetr',
+                    locations=['projects.deformable_detr.datasets'])
+METRICS = Registry('metric', parent=mmdet_registry.METRICS, scope='ddetr',
+                   locations=['projects.deformable_detr.datasets'])

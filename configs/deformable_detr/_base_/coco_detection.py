@@ -1,7 +1,9 @@
 # COCO 2017 detection with Deformable DETR's multi-scale training augmentation
 # (DETR's recipe): flip, then either a random short side in 480..800, or a
 # random resize + random crop + random short side in 480..800.
-dataset_type = 'CocoDataset'
+# mmdet's CocoDataset and CocoMetric, checked for broken files and annotations (strict=False:
+# skipped with a warning; see the README's 'Broken data sets')
+dataset_type = 'ddetr.CocoDataset'
 data_root = 'data/coco/'
 backend_args = None
 
@@ -68,7 +70,7 @@ val_dataloader = dict(
 test_dataloader = val_dataloader
 
 val_evaluator = dict(
-    type='CocoMetric',
+    type='ddetr.CocoMetric',
     ann_file=data_root + 'annotations/instances_val2017.json',
     metric='bbox',
     format_only=False,

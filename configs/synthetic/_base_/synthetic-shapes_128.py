@@ -1,9 +1,10 @@
 # Synthetic shapes data set (tools/dataset_converters/synthetic_coco.py), 128x128 images,
-# and a CPU-sized runtime shared by the synthetic configs. mmdet's CocoDataset, pipeline
-# and CocoMetric are used unchanged: only the class names differ from COCO.
+# and a CPU-sized runtime shared by the synthetic configs. mmdet's pipeline, CocoDataset
+# and CocoMetric (as ddetr.CocoDataset and ddetr.CocoMetric: checked for broken files and
+# annotations, see the README's 'Broken data sets'): only the class names differ from COCO.
 _base_ = '../../deformable_detr/_base_/default_runtime.py'
 
-dataset_type = 'CocoDataset'
+dataset_type = 'ddetr.CocoDataset'
 data_root = 'data/synthetic/'
 metainfo = dict(
     classes=('circle', 'square', 'triangle', 'cross', 'star'),
@@ -58,7 +59,7 @@ val_dataloader = dict(
         backend_args=backend_args))
 test_dataloader = val_dataloader
 val_evaluator = dict(
-    type='CocoMetric',
+    type='ddetr.CocoMetric',
     ann_file=data_root + 'annotations/val.json',
     metric='bbox',
     format_only=False,

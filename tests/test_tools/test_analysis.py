@@ -123,3 +123,21 @@ def test_get_flops_counts_our_op(tiny_setup, run_tool):
     # FlopAnalyzer lists an op by the last part of its name
     assert 'multi_scale_deformable_attn: ' in counted.split('Flops by operator')[-1]
     assert 'multi_scale_deformable_attn' not in not_counted
+
+
+def test_benchmark_multi_scale_deformable_attn(run_tool):
+    """The op benchmark's table on the CPU, at a smoke test's size."""
+    out = run_tool([f'{TOOLS}/benchmark_multi_scale_deformable_attn.py', '--cases',
+                    'enc-128x128-b1', '--min-time', '0', '--max-repeat', '1']).stdout
+    rows = [line.split('|') for line in out.splitlines() if line.startswith('| enc-128x128-b1')]
+    assert [row[3].strip() for row in rows] == ['ours', 'mmcv-pytorch'], out
+    assert all(float(row[4]) > 0 and float(row[5]) > 0 for row in rows), out
+
+
+def test_benchmark_model(run_tool):
+    """Both models' training step and inference, with agreeing losses, at a tiny size."""
+    out = run_tool([f'{TOOLS}/benchmark_model.py', '--size', '64', '--batch', '1',
+                    '--repeat', '1', '--warmup', '0', '--threads', '1']).stdout
+    assert '| training step (fwd + bwd)' in out and '| inference' in out, out
+    diff = float(out.rsplit('max |loss difference| over 18 losses:', 1)[1].split()[0])
+    assert diff < 1e-4, out

@@ -2,11 +2,18 @@
 
 One training step (forward + backward) and one inference of each model, runs
 interleaved (mmdet, ours, mmdet, ours...) so that a machine's changing load hits
-both alike; prints the median times side by side with the speed-up, and checks
-that the two models agree on the losses.
+both alike; prints the median times side by side with the speed-up and, on a GPU, the
+peak memory of each, and checks that the two models agree on the losses.
 
-    python tools/analysis_tools/benchmark_model.py            # 2 images 512x512, R50
+    python tools/analysis_tools/benchmark_model.py            # 2 images 512x512, R50, CPU
     python tools/analysis_tools/benchmark_model.py --size 800 --repeat 5 --threads 2
+    python tools/analysis_tools/benchmark_model.py --device cuda --shape 800 1333 \\
+        --variant refine-twostage --amp fp16 --repeat 20
+
+On a GPU mmdet's model runs mmcv's CUDA kernel: mmcv's own CUDA build, or, where mmcv
+has CPU ops only, mmcv's kernel compiled standalone from its source distribution
+(``MMCV_SDIST``, see ``ops/mmcv_cuda.py``). ``--amp`` runs both under ``torch.autocast``
+(fp16 or bf16); mmcv has no bf16 kernel, so ``--amp bf16`` times ours only.
 """
 import argparse
 import copy
@@ -15,7 +22,7 @@ import os
 import statistics
 import sys
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -32,88 +39,142 @@ from mmengine.structures import InstanceData  # noqa: E402
 
 from projects.deformable_detr.converters import mmdet_to_ours  # noqa: E402
 
-OURS = os.path.join(ROOT, 'configs', 'deformable_detr', 'deformable-detr_r50_16xb2-50e_coco.py')
-THEIRS = os.path.join(os.path.dirname(mmdet.__file__), '.mim', 'configs', 'deformable_detr',
-                      'deformable-detr_r50_16xb2-50e_coco.py')
+VARIANTS = {  # ours, mmdet's (file names are the same in both trees)
+    'plain': 'deformable-detr_r50_16xb2-50e_coco.py',
+    'refine': 'deformable-detr-refine_r50_16xb2-50e_coco.py',
+    'refine-twostage': 'deformable-detr-refine-twostage_r50_16xb2-50e_coco.py',
+}
+AMP = {'none': None, 'fp16': torch.float16, 'bf16': torch.bfloat16}
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description='Benchmark ours vs mmdet DeformableDETR')
-    parser.add_argument('--config', default=OURS, help='our config')
-    parser.add_argument('--mmdet-config', default=THEIRS, help="mmdet's config")
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--variant', default='plain', choices=list(VARIANTS),
+                        help='multi-scale R50 variant (both models)')
     parser.add_argument('--size', type=int, default=512, help='square image size')
+    parser.add_argument('--shape', type=int, nargs=2, metavar=('H', 'W'),
+                        help='image height and width (instead of --size)')
     parser.add_argument('--batch', type=int, default=2, help='images per step')
+    parser.add_argument('--device', default='cpu', choices=['cpu', 'cuda'])
+    parser.add_argument('--amp', default='none', choices=list(AMP),
+                        help='autocast dtype of forward and backward')
     parser.add_argument('--repeat', type=int, default=3, help='timed runs of each')
     parser.add_argument('--warmup', type=int, default=1, help='untimed runs of each')
     parser.add_argument('--threads', type=int, default=None, help='torch intra-op threads')
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.device == 'cuda' and not torch.cuda.is_available():
+        parser.error('--device cuda: torch sees no CUDA device')
+    args.height, args.width = args.shape or (args.size, args.size)
+    return args
 
 
-def build_models(args: argparse.Namespace):
-    """mmdet's model (random init) and ours with its weights."""
+def build_models(variant: str, device: str):
+    """mmdet's model (random init) and ours with its weights, in eval-free train mode."""
     init_default_scope('mmdet')
     torch.manual_seed(0)
     models = []
-    for path in (args.mmdet_config, args.config):
+    for path in (os.path.join(os.path.dirname(mmdet.__file__), '.mim', 'configs',
+                              'deformable_detr', VARIANTS[variant]),
+                 os.path.join(ROOT, 'configs', 'deformable_detr', VARIANTS[variant])):
         cfg = Config.fromfile(path)
         cfg.model.backbone.init_cfg = None  # no download; random weights time the same
         models.append(MODELS.build(cfg.model))
     theirs, ours = models
     theirs.init_weights()
     ours.load_state_dict(mmdet_to_ours(theirs.state_dict()), strict=True)
-    return theirs, ours
+    # The two must compute the same thing for the comparison to mean anything.
+    for model in (theirs, ours):
+        for m in model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+            elif isinstance(m, torch.nn.MultiheadAttention):
+                m.dropout = 0.0
+    return theirs.to(device), ours.to(device)
 
 
-def make_batch(batch: int, size: int, num_gts: int = 5):
+def use_mmcv_cuda_kernel() -> str:
+    """Gives mmdet's attention layers mmcv's CUDA kernel; says which build it is."""
+    from mmcv.ops import multi_scale_deform_attn
+
+    from ops.mmcv_cuda import build_mmcv_cuda, install_into_mmcv
+    if hasattr(multi_scale_deform_attn.ext_module, 'ms_deform_attn_forward'):
+        return "mmcv's own CUDA build"
+    sdist = os.environ.get('MMCV_SDIST')
+    if not sdist:
+        raise SystemExit('mmcv has no CUDA ops: set MMCV_SDIST to mmcv-2.1.0.tar.gz so that '
+                         'its kernel can be compiled standalone (ops/mmcv_cuda.py)')
+    install_into_mmcv(build_mmcv_cuda(sdist))
+    return f"mmcv's kernel compiled standalone from {os.path.basename(sdist)}"
+
+
+def make_batch(batch: int, height: int, width: int, device: str, num_gts: int = 5):
     gen = torch.Generator().manual_seed(0)
-    inputs = torch.randn(batch, 3, size, size, generator=gen)
+    inputs = torch.randn(batch, 3, height, width, generator=gen)
     samples = []
     for _ in range(batch):
-        xy = torch.rand(num_gts, 2, generator=gen) * size * 0.6
-        wh = (torch.rand(num_gts, 2, generator=gen) * 0.3 + 0.05) * size
+        xy = torch.rand(num_gts, 2, generator=gen) * torch.tensor([width, height]) * 0.6
+        wh = (torch.rand(num_gts, 2, generator=gen) * 0.3 + 0.05) * torch.tensor([width, height])
         sample = DetDataSample(metainfo=dict(
-            img_shape=(size, size), ori_shape=(size, size), scale_factor=(1.0, 1.0),
-            batch_input_shape=(size, size), pad_shape=(size, size)))
+            img_shape=(height, width), ori_shape=(height, width), scale_factor=(1.0, 1.0),
+            batch_input_shape=(height, width), pad_shape=(height, width)))
         sample.gt_instances = InstanceData(bboxes=torch.cat([xy, xy + wh], 1),
                                            labels=torch.randint(0, 80, (num_gts, ),
                                                                 generator=gen))
-        samples.append(sample)
-    return inputs, samples
+        samples.append(sample.to(device))
+    return inputs.to(device), samples
 
 
-def train_step(model, inputs, samples) -> Dict[str, torch.Tensor]:
+def train_step(model, inputs, samples, amp: Optional[torch.dtype]) -> Dict[str, torch.Tensor]:
     model.train()
     model.zero_grad(set_to_none=True)
-    losses = model(inputs, copy.deepcopy(samples), mode='loss')
+    with torch.autocast(inputs.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        losses = model(inputs, copy.deepcopy(samples), mode='loss')
     sum(losses.values()).backward()
     return losses
 
 
-def inference(model, inputs, samples):
+def inference(model, inputs, samples, amp: Optional[torch.dtype]):
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast(inputs.device.type, dtype=amp or torch.float32,
+                                         enabled=amp is not None):
         return model(inputs, copy.deepcopy(samples), mode='predict')
 
 
-def timed(fn: Callable) -> float:
+def timed(fn: Callable, device: str) -> float:
+    if device == 'cuda':
+        torch.cuda.synchronize()
     start = time.perf_counter()
     fn()
+    if device == 'cuda':
+        torch.cuda.synchronize()
     return time.perf_counter() - start
 
 
-def interleaved(label: str, fns: Dict[str, Callable], warmup: int,
-                repeat: int) -> Dict[str, List[float]]:
+def peak_memory(fn: Callable, device: str) -> float:
+    """Bytes allocated at the peak of ``fn`` beyond what was allocated before it."""
+    if device != 'cuda':
+        return float('nan')
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def interleaved(label: str, fns: Dict[str, Callable], warmup: int, repeat: int,
+                device: str) -> Dict[str, List[float]]:
     times = {name: [] for name in fns}
     total = (warmup + repeat) * len(fns)
     done = 0
     for i in range(warmup + repeat):
         for name, fn in fns.items():
-            t = timed(fn)
+            t = timed(fn, device)
             done += 1
             if i >= warmup:
                 times[name].append(t)
             kind = 'warm-up' if i < warmup else 'timed'
-            print(f'  [{done}/{total}] {label} {name}: {t:.2f}s ({kind})', flush=True)
+            print(f'  [{done}/{total}] {label} {name}: {t:.3f}s ({kind})', flush=True)
     return times
 
 
@@ -122,39 +183,49 @@ def main() -> None:
     MMLogger.get_current_instance().setLevel(logging.WARNING)  # init_weights' dump
     if args.threads:
         torch.set_num_threads(args.threads)
-    theirs, ours = build_models(args)
-    inputs, samples = make_batch(args.batch, args.size)
+    amp = AMP[args.amp]
+    kernel = use_mmcv_cuda_kernel() if args.device == 'cuda' else "mmcv's pure-PyTorch path"
+    theirs, ours = build_models(args.variant, args.device)
+    inputs, samples = make_batch(args.batch, args.height, args.width, args.device)
+    models = {'mmdet': theirs, 'ours': ours}
+    if amp == torch.bfloat16 and args.device == 'cuda':
+        print('mmcv has no bfloat16 CUDA kernel: timing ours only')
+        del models['mmdet']
 
-    # The two must compute the same thing for the comparison to mean anything.
-    for model in (theirs, ours):
-        for m in model.modules():
-            if isinstance(m, torch.nn.Dropout):
-                m.p = 0.0
-            elif isinstance(m, torch.nn.MultiheadAttention):
-                m.dropout = 0.0
-    print(f'{args.batch} images {args.size}x{args.size}, '
-          f'{torch.get_num_threads()} threads; checking agreement...', flush=True)
-    loss_theirs = train_step(theirs, inputs, samples)
-    loss_ours = train_step(ours, inputs, samples)
-    loss_diff = max((loss_ours[k] - loss_theirs[k].reshape(())).abs().item()
-                    for k in loss_theirs)
+    shape = f'{args.batch} x {args.height}x{args.width}'
+    print(f'{shape}, {args.device}, autocast {args.amp}, {torch.get_num_threads()} threads; '
+          f'mmdet runs {kernel}; checking agreement...', flush=True)
+    losses = {name: train_step(m, inputs, samples, amp) for name, m in models.items()}
+    loss_diff = None
+    if len(losses) == 2:
+        loss_diff = max((losses['ours'][k] - losses['mmdet'][k].reshape(())).abs().item()
+                        for k in losses['mmdet'])
 
-    results = {}
+    results, peaks = {}, {}
     for label, fn in (('training step', train_step), ('inference', inference)):
-        times = interleaved(label, {'mmdet': lambda fn=fn: fn(theirs, inputs, samples),
-                                    'ours': lambda fn=fn: fn(ours, inputs, samples)},
-                            args.warmup, args.repeat)
+        calls = {name: (lambda fn=fn, m=m: fn(m, inputs, samples, amp))
+                 for name, m in models.items()}
+        times = interleaved(label, calls, args.warmup, args.repeat, args.device)
         results[label] = {k: statistics.median(v) for k, v in times.items()}
+        peaks[label] = {k: peak_memory(call, args.device) for k, call in calls.items()}
 
-    print(f'\nDeformable DETR (multi-scale, R50), {args.batch} x {args.size}x{args.size}, '
-          f'CPU, {torch.get_num_threads()} threads, median of {args.repeat}')
-    print(f'| {"":<32} | {"mmdet 3.3":>10} | {"ours":>10} | {"speed-up":>8} |')
-    print(f'|{"-" * 34}|{"-" * 12}|{"-" * 12}|{"-" * 10}|')
+    device = torch.cuda.get_device_name() if args.device == 'cuda' else 'CPU'
+    print(f'\nDeformable DETR ({args.variant}, R50), {shape}, {device}, autocast {args.amp}, '
+          f'torch {torch.__version__}, {torch.get_num_threads()} threads, median of '
+          f'{args.repeat}; mmdet with {kernel}')
+    print(f'| {"":<26} | {"mmdet 3.3":>10} | {"ours":>10} | {"speed-up":>8} '
+          f'| {"mmdet peak":>10} | {"ours peak":>10} |')
+    print(f'|{"-" * 28}|{"-" * 12}|{"-" * 12}|{"-" * 10}|{"-" * 12}|{"-" * 12}|')
     for label, t in results.items():
         name = 'training step (fwd + bwd)' if label == 'training step' else label
-        print(f'| {name:<32} | {t["mmdet"]:>9.2f}s | {t["ours"]:>9.2f}s | '
-              f'{t["mmdet"] / t["ours"]:>7.2f}x |')
-    print(f'max |loss difference| over {len(loss_theirs)} losses: {loss_diff:.2e}')
+        mm = t.get('mmdet')
+        theirs_time = f'{mm:.3f}s' if mm else '-'
+        speed_up = f'{mm / t["ours"]:.2f}x' if mm else '-'
+        peak = {k: (f'{v / 2**30:.2f} GiB' if v == v else '-') for k, v in peaks[label].items()}
+        print(f'| {name:<26} | {theirs_time:>10} | {t["ours"]:>9.3f}s | {speed_up:>8} '
+              f'| {peak.get("mmdet", "-"):>10} | {peak["ours"]:>10} |')
+    if loss_diff is not None:
+        print(f'max |loss difference| over {len(losses["mmdet"])} losses: {loss_diff:.2e}')
 
 
 if __name__ == '__main__':

@@ -205,3 +205,23 @@ def install_into_mmcv(ext: ModuleType) -> None:
     """
     from mmcv.ops import multi_scale_deform_attn
     multi_scale_deform_attn.ext_module = ext
+
+
+def give_mmcv_its_cuda_kernel() -> str:
+    """Makes sure mmcv's attention layers have mmcv's CUDA kernel; says which build.
+
+    mmcv's own CUDA build if it has one; else the kernel compiled standalone from
+    ``$MMCV_SDIST`` and installed into mmcv (:func:`install_into_mmcv`).
+
+    Raises:
+        RuntimeError: mmcv has no CUDA ops and ``$MMCV_SDIST`` is unset.
+    """
+    from mmcv.ops import multi_scale_deform_attn
+    if hasattr(multi_scale_deform_attn.ext_module, 'ms_deform_attn_forward'):
+        return "mmcv's own CUDA build"
+    sdist = os.environ.get('MMCV_SDIST')
+    if not sdist:
+        raise RuntimeError('mmcv has no CUDA ops: set MMCV_SDIST to mmcv-2.1.0.tar.gz so that '
+                           'its kernel is compiled standalone (ops/mmcv_cuda.py)')
+    install_into_mmcv(build_mmcv_cuda(sdist))
+    return f"mmcv's kernel compiled standalone from {os.path.basename(sdist)}"

@@ -109,6 +109,9 @@ def test_benchmark(tiny_setup, baseline_run, run_tool):
     out = run_tool([tool, config, '--checkpoint', checkpoint, '--max-iter', '4',
                     '--num-warmup', '1', '--log-interval', '2']).stdout
     assert 'Overall fps' in out
+    out = run_tool([tool, tiny_setup['ours'], '--checkpoint', checkpoint, '--max-iter', '3',
+                    '--num-warmup', '1', '--amp', 'bf16']).stdout
+    assert 'Overall fps' in out
     out = run_tool([tool, config, '--task', 'dataloader', '--max-iter', '3',
                     '--num-warmup', '1', '--log-interval', '1']).stdout
     assert 'batch/s' in out

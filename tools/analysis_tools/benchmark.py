@@ -6,13 +6,18 @@
 ``--task inference`` times ``model.test_step`` on single test images (batch 1, no
 workers), after ``--num-warmup`` warm-up images. MMDetection's ``InferenceBenchmark``
 is CUDA-only (``model.cuda()``, ``torch.cuda.synchronize``); the subclass here runs on
-whatever device MMEngine picks, the CPU included.
+whatever device MMEngine picks, the CPU included. ``--amp fp16`` (or ``bf16``) runs the
+model under ``torch.autocast``. On a GPU, mmdet's own Deformable DETR configs run
+mmcv's CUDA kernel, from mmcv's CUDA build or compiled standalone from ``$MMCV_SDIST``
+(``ops/mmcv_cuda.py``).
 """
 import argparse
+import logging
 import os
 import os.path as osp
 import sys
 import time
+from typing import Optional
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 if ROOT not in sys.path:
@@ -23,6 +28,7 @@ from mmengine import MMLogger  # noqa: E402
 from mmengine.config import Config, DictAction  # noqa: E402
 from mmengine.device import get_device  # noqa: E402
 from mmengine.dist import init_dist  # noqa: E402
+from mmengine.logging import print_log  # noqa: E402
 from mmengine.registry import init_default_scope  # noqa: E402
 from mmengine.runner import load_checkpoint  # noqa: E402
 
@@ -34,8 +40,12 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def make_inference_benchmark():
-    """Builds the device-agnostic subclass (mmdet imports wait for the config's scope)."""
+def make_inference_benchmark(amp: Optional[torch.dtype] = None):
+    """Builds the device-agnostic subclass (mmdet imports wait for the config's scope).
+
+    Args:
+        amp: Run ``test_step`` under ``torch.autocast`` in this dtype (None: off).
+    """
     from mmcv.cnn import fuse_conv_bn
     from mmdet.registry import MODELS
     from mmdet.utils.benchmark import InferenceBenchmark, print_log
@@ -56,7 +66,8 @@ def make_inference_benchmark():
             for i, data in enumerate(self.data_loader):
                 _sync()
                 start = time.perf_counter()
-                with torch.no_grad():
+                with torch.no_grad(), torch.autocast(get_device(), amp or torch.float32,
+                                                     enabled=amp is not None):
                     self.model.test_step(data)
                 _sync()
                 if i >= self.num_warmup:
@@ -99,6 +110,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument('--max-iter', type=int, default=2000, help='images per run')
     parser.add_argument('--log-interval', type=int, default=50, help='log every N images')
     parser.add_argument('--num-warmup', type=int, default=5, help='untimed first images')
+    parser.add_argument('--amp', choices=['fp16', 'bf16'],
+                        help='inference under torch.autocast in this dtype')
     parser.add_argument('--fuse-conv-bn', action='store_true',
                         help='fuse conv and bn (slightly faster inference)')
     parser.add_argument('--work-dir', help='also write the log here')
@@ -132,8 +145,16 @@ def main() -> None:
     common = dict(max_iter=args.max_iter, log_interval=args.log_interval,
                   num_warmup=args.num_warmup, logger=logger)
     if args.task == 'inference':
-        benchmark = make_inference_benchmark()(cfg, args.checkpoint, distributed,
-                                               args.fuse_conv_bn, **common)
+        if torch.cuda.is_available() and not cfg.model.type.startswith('ddetr.'):
+            # mmdet's own model (mmcv's attention layers) may need mmcv's kernel
+            from ops.mmcv_cuda import give_mmcv_its_cuda_kernel
+            try:
+                print_log(f'mmcv attention layers: {give_mmcv_its_cuda_kernel()}', logger)
+            except RuntimeError as err:
+                print_log(str(err), logger, level=logging.WARNING)
+        amp = {None: None, 'fp16': torch.float16, 'bf16': torch.bfloat16}[args.amp]
+        benchmark = make_inference_benchmark(amp)(cfg, args.checkpoint, distributed,
+                                                  args.fuse_conv_bn, **common)
     elif args.task == 'dataloader':
         benchmark = DataLoaderBenchmark(cfg, distributed, args.dataset_type, **common)
     else:

@@ -37,6 +37,7 @@ from mmengine.logging import MMLogger  # noqa: E402
 from mmengine.registry import init_default_scope  # noqa: E402
 from mmengine.structures import InstanceData  # noqa: E402
 
+from ops.mmcv_cuda import give_mmcv_its_cuda_kernel  # noqa: E402
 from projects.deformable_detr.converters import mmdet_to_ours  # noqa: E402
 
 VARIANTS = {  # ours, mmdet's (file names are the same in both trees)
@@ -90,21 +91,6 @@ def build_models(variant: str, device: str):
             elif isinstance(m, torch.nn.MultiheadAttention):
                 m.dropout = 0.0
     return theirs.to(device), ours.to(device)
-
-
-def use_mmcv_cuda_kernel() -> str:
-    """Gives mmdet's attention layers mmcv's CUDA kernel; says which build it is."""
-    from mmcv.ops import multi_scale_deform_attn
-
-    from ops.mmcv_cuda import build_mmcv_cuda, install_into_mmcv
-    if hasattr(multi_scale_deform_attn.ext_module, 'ms_deform_attn_forward'):
-        return "mmcv's own CUDA build"
-    sdist = os.environ.get('MMCV_SDIST')
-    if not sdist:
-        raise SystemExit('mmcv has no CUDA ops: set MMCV_SDIST to mmcv-2.1.0.tar.gz so that '
-                         'its kernel can be compiled standalone (ops/mmcv_cuda.py)')
-    install_into_mmcv(build_mmcv_cuda(sdist))
-    return f"mmcv's kernel compiled standalone from {os.path.basename(sdist)}"
 
 
 def make_batch(batch: int, height: int, width: int, device: str, num_gts: int = 5):
@@ -184,7 +170,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     amp = AMP[args.amp]
-    kernel = use_mmcv_cuda_kernel() if args.device == 'cuda' else "mmcv's pure-PyTorch path"
+    kernel = give_mmcv_its_cuda_kernel() if args.device == 'cuda' else "mmcv's pure-PyTorch path"
     theirs, ours = build_models(args.variant, args.device)
     inputs, samples = make_batch(args.batch, args.height, args.width, args.device)
     models = {'mmdet': theirs, 'ours': ours}

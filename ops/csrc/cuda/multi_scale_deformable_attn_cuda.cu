@@ -39,14 +39,12 @@ cuda::KernelSizes kernel_sizes(const Sizes& s) {
   return {s.bs, s.num_keys, s.heads, s.dim, s.nq, s.levels, s.points};
 }
 
-// 16-byte vector loads need dim to be a multiple of the vector and aligned base pointers.
-bool can_vectorise(int64_t dim, at::ScalarType dtype, std::initializer_list<const at::Tensor*> ts) {
-  const int64_t vec = 16 / c10::elementSize(dtype);
-  if (dim % vec != 0) return false;
-  for (const auto* t : ts) {
-    if (reinterpret_cast<uintptr_t>(t->const_data_ptr()) % 16 != 0) return false;
-  }
-  return true;
+// One grid of at most 2^31 - 1 blocks serves all (batch, query, head) rows.
+void check_grid(const Sizes& s) {
+  const int64_t rows = s.bs * s.nq * s.heads;
+  TORCH_CHECK_VALUE(cuda::num_blocks(rows, 32) <= cuda::kMaxBlocks,
+                    "multi_scale_deformable_attn: bs * num_queries * heads = ", rows,
+                    " is too large for one CUDA launch");
 }
 
 void check_launch(cudaError_t err) {
@@ -57,13 +55,15 @@ at::Tensor forward_cuda(const at::Tensor& value_in, const at::Tensor& spatial_sh
                         const at::Tensor& level_start_index_in, const at::Tensor& loc_in,
                         const at::Tensor& attn_in) {
   const Sizes s = check_sizes(value_in, spatial_shapes_in, level_start_index_in, loc_in, attn_in);
+  check_grid(s);
   const c10::cuda::CUDAGuard guard(value_in.device());
   const auto value = value_in.contiguous(), loc = loc_in.contiguous(), attn = attn_in.contiguous();
   const auto shapes = spatial_shapes_in.contiguous(), starts = level_start_index_in.contiguous();
   auto out = at::empty({s.bs, s.nq, s.heads * s.dim}, value.options());
-  const bool vec = can_vectorise(s.dim, value.scalar_type(), {&value, &out});
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "multi_scale_deformable_attn_cuda", [&] {
+    const bool vec = cuda::can_vectorise<typename CudaType<scalar_t>::type>(
+        s.dim, {value.const_data_ptr(), out.const_data_ptr()});
     check_launch(cuda::launch_forward(kernel_sizes(s), vec, cuda_ptr<scalar_t>(value),
                                       shapes.const_data_ptr<int64_t>(),
                                       starts.const_data_ptr<int64_t>(), cuda_ptr<scalar_t>(loc),
@@ -77,6 +77,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
     const at::Tensor& level_start_index_in, const at::Tensor& loc_in, const at::Tensor& attn_in) {
   const Sizes s = check_sizes(value_in, spatial_shapes_in, level_start_index_in, loc_in, attn_in);
   check_grad_output(grad_out_in, s, value_in);
+  check_grid(s);
   const c10::cuda::CUDAGuard guard(value_in.device());
   const auto grad_out = grad_out_in.contiguous(), value = value_in.contiguous();
   const auto loc = loc_in.contiguous(), attn = attn_in.contiguous();
@@ -86,10 +87,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
   auto grad_value = at::zeros(value.sizes(), value.options().dtype(acc_type));
   auto grad_loc = at::empty_like(loc);
   auto grad_attn = at::empty_like(attn);
-  const bool vec = can_vectorise(s.dim, value.scalar_type(), {&value, &grad_out});
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "multi_scale_deformable_attn_backward_cuda", [&] {
     using acc_t = typename cuda::Acc<typename CudaType<scalar_t>::type>::type;
+    const bool vec = cuda::can_vectorise<typename CudaType<scalar_t>::type>(
+        s.dim, {grad_out.const_data_ptr(), value.const_data_ptr(), grad_value.const_data_ptr()});
     check_launch(cuda::launch_backward(
         kernel_sizes(s), vec, cuda_ptr<scalar_t>(grad_out), cuda_ptr<scalar_t>(value),
         shapes.const_data_ptr<int64_t>(), starts.const_data_ptr<int64_t>(), cuda_ptr<scalar_t>(loc),

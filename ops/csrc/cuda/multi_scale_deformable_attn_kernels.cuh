@@ -16,6 +16,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <initializer_list>
 
 #include "../multi_scale_deformable_attn_common.h"
 
@@ -180,7 +181,8 @@ __global__ void backward_kernel(KernelSizes s, int group, const scalar_t* __rest
       acc_t dot[4] = {acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
       for (int64_t c0 = 0; c0 < s.dim; c0 += group_width) {
         const int64_t c = c0 + lane * V;
-        if (c >= s.dim) continue;
+        // An idle thread's row lies past the end of grad_out: it loads nothing.
+        if (!active || c >= s.dim) continue;
         acc_t go[V];
         load_acc<scalar_t, V>(grad_out + bqh * s.dim + c, go);
 #pragma unroll
@@ -226,46 +228,77 @@ inline int group_size(int64_t dim, int vec) {
   return g;
 }
 
-constexpr int kThreads = 256;
+// Elements of one 16-byte vector load or store.
+template <typename scalar_t>
+constexpr int kVec = 16 / sizeof(scalar_t);
 
-inline unsigned int num_blocks(const KernelSizes& s, int group) {
-  const int64_t threads = s.bs * s.nq * s.heads * group;
-  return static_cast<unsigned int>((threads + kThreads - 1) / kThreads);
+// Whether the vector path may run: dim a multiple of the vector (so that every chunk
+// starts at a multiple of kVec elements) and every pointer that the kernels load or
+// store by vectors 16-byte aligned. The caller lists those pointers.
+template <typename scalar_t>
+inline bool can_vectorise(int64_t dim, std::initializer_list<const void*> pointers) {
+  if (dim % kVec<scalar_t> != 0) return false;
+  for (const void* p : pointers) {
+    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;
+  }
+  return true;
 }
 
-// `vectorised`: dim is a multiple of the vector width and every vector-accessed pointer
-// is 16-byte aligned; the caller checks. Otherwise one element per load.
+constexpr int kThreads = 256;
+// gridDim.x may be at most 2^31 - 1.
+constexpr int64_t kMaxBlocks = 2147483647;
+
+// Blocks for `rows` groups of `group` threads each.
+inline int64_t num_blocks(int64_t rows, int group) {
+  return (rows * group + kThreads - 1) / kThreads;
+}
+
+// Launches a kernel in CUDA's syntax; the host emulation of the tests
+// (tests/test_ops/cuda_host_emulation/) defines it as a call of its own scheduler.
+#ifndef MSDA_LAUNCH
+#define MSDA_LAUNCH(blocks, threads, stream, ...) __VA_ARGS__<<<blocks, threads, 0, stream>>>
+#endif
+
+// `vectorised`: can_vectorise holds for value and out (the caller checks); otherwise one
+// element per load.
 template <typename scalar_t>
 cudaError_t launch_forward(const KernelSizes& s, bool vectorised, const scalar_t* value,
                            const int64_t* shapes, const int64_t* starts, const scalar_t* loc,
                            const scalar_t* attn, scalar_t* out, cudaStream_t stream) {
-  constexpr int kVec = 16 / sizeof(scalar_t);
-  const int vec = vectorised ? kVec : 1;
-  const int group = group_size(s.dim, vec);
+  constexpr int vec = kVec<scalar_t>;
+  const int group = group_size(s.dim, vectorised ? vec : 1);
+  const int64_t blocks = num_blocks(s.bs * s.nq * s.heads, group);
+  if (blocks == 0) return cudaSuccess;  // nothing to compute: a grid of 0 blocks is an error
+  if (blocks > kMaxBlocks) return cudaErrorInvalidConfiguration;
+  const auto grid = static_cast<unsigned int>(blocks);
   if (vectorised) {
-    forward_kernel<scalar_t, kVec><<<num_blocks(s, group), kThreads, 0, stream>>>(
+    MSDA_LAUNCH(grid, kThreads, stream, forward_kernel<scalar_t, vec>)(
         s, group, value, shapes, starts, loc, attn, out);
   } else {
-    forward_kernel<scalar_t, 1><<<num_blocks(s, group), kThreads, 0, stream>>>(
+    MSDA_LAUNCH(grid, kThreads, stream, forward_kernel<scalar_t, 1>)(
         s, group, value, shapes, starts, loc, attn, out);
   }
   return cudaGetLastError();
 }
 
+// `vectorised`: can_vectorise holds for grad_out, value and grad_value.
 template <typename scalar_t>
 cudaError_t launch_backward(const KernelSizes& s, bool vectorised, const scalar_t* grad_out,
                             const scalar_t* value, const int64_t* shapes, const int64_t* starts,
                             const scalar_t* loc, const scalar_t* attn,
                             typename Acc<scalar_t>::type* grad_value, scalar_t* grad_loc,
                             scalar_t* grad_attn, cudaStream_t stream) {
-  constexpr int kVec = 16 / sizeof(scalar_t);
-  const int vec = vectorised ? kVec : 1;
-  const int group = group_size(s.dim, vec);
+  constexpr int vec = kVec<scalar_t>;
+  const int group = group_size(s.dim, vectorised ? vec : 1);
+  const int64_t blocks = num_blocks(s.bs * s.nq * s.heads, group);
+  if (blocks == 0) return cudaSuccess;
+  if (blocks > kMaxBlocks) return cudaErrorInvalidConfiguration;
+  const auto grid = static_cast<unsigned int>(blocks);
   if (vectorised) {
-    backward_kernel<scalar_t, kVec><<<num_blocks(s, group), kThreads, 0, stream>>>(
+    MSDA_LAUNCH(grid, kThreads, stream, backward_kernel<scalar_t, vec>)(
         s, group, grad_out, value, shapes, starts, loc, attn, grad_value, grad_loc, grad_attn);
   } else {
-    backward_kernel<scalar_t, 1><<<num_blocks(s, group), kThreads, 0, stream>>>(
+    MSDA_LAUNCH(grid, kThreads, stream, backward_kernel<scalar_t, 1>)(
         s, group, grad_out, value, shapes, starts, loc, attn, grad_value, grad_loc, grad_attn);
   }
   return cudaGetLastError();

@@ -103,7 +103,9 @@ def run_emulated(driver: Path, folder: Path, inputs: Dict[str, torch.Tensor],
     """Forward and backward of the emulated CUDA kernels on ``inputs`` cast to ``dtype``.
 
     Returns the outputs as tensors (``grad_value_atomic`` in the accumulation type, as
-    the launcher leaves it before its final cast) and ``info``, what the driver ran.
+    the launcher leaves it before its final cast; the deterministic backward's gradients,
+    run ``repeats`` times, with the suffix ``_deterministic_{run}``) and ``info``, what
+    the driver ran.
     """
     folder.mkdir()
     value, loc, attn = (inputs[k].to(dtype) for k in
@@ -131,6 +133,11 @@ def run_emulated(driver: Path, folder: Path, inputs: Dict[str, torch.Tensor],
                                              loc.shape),
                grad_attention_weights=_read(folder / 'grad_attention_weights.bin', dtype,
                                             attn.shape))
+    for run in range(repeats):
+        for name, shape in (('grad_value', value.shape), ('grad_sampling_locations', loc.shape),
+                            ('grad_attention_weights', attn.shape)):
+            key = f'{name}_deterministic_{run}'
+            out[key] = _read(folder / f'{key}.bin', dtype, shape)
     return out
 
 
@@ -159,20 +166,31 @@ def make_case(make_inputs, name: str, seed: int = 0):
 
 
 def check_against_cpu(ours: dict, inputs, grad_output, dtype, assert_close_relative,
-                      grad_value_key='grad_value_atomic', suffix=''):
+                      deterministic_runs: int = 0):
     """Every output within TOLERANCE[dtype] of the float32/float64 CPU op on the same
-    rounded inputs; bfloat16 also within one ulp of the CPU op's own bfloat16 kernel."""
+    rounded inputs; bfloat16 also within one ulp of the CPU op's own bfloat16 kernel.
+    Both backward paths: the atomic one, and the deterministic one's runs."""
     compute = torch.float64 if dtype == torch.float64 else torch.float32
     references = [(cpu_op(inputs, grad_output, dtype, compute), TOLERANCE[dtype])]
     if dtype == torch.bfloat16:
         references.append((cpu_op(inputs, grad_output, dtype), 1.1 * 2**-7))
-    # The launcher casts the accumulated grad_value to the input dtype last.
-    actual = (ours['output'], ours[grad_value_key].to(dtype),
-              ours['grad_sampling_locations' + suffix], ours['grad_attention_weights' + suffix])
-    for expected, tol in references:
-        for name, a, b in zip(NAMES, actual, expected):
-            assert a.dtype == dtype
-            assert_close_relative(a, b, tol, f'{name} ({dtype})')
+    # The launcher casts the atomic path's accumulated grad_value to the input dtype last.
+    paths = {'atomic': (ours['output'], ours['grad_value_atomic'].to(dtype),
+                        ours['grad_sampling_locations'], ours['grad_attention_weights'])}
+    for run in range(deterministic_runs):
+        tag = f'_deterministic_{run}'
+        paths[tag[1:]] = (ours['output'], ours['grad_value' + tag],
+                          ours['grad_sampling_locations' + tag], ours['grad_attention_weights' + tag])
+    for path, actual in paths.items():
+        for expected, tol in references:
+            for name, a, b in zip(NAMES, actual, expected):
+                assert a.dtype == dtype
+                assert_close_relative(a, b, tol, f'{name} ({dtype}, {path} backward)')
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The tensor's bit patterns, so that equality is bitwise (-0.0, NaN included)."""
+    return t.contiguous().view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
 
 
 def test_half_conversions_round_to_nearest_even(driver, tmp_path):
@@ -222,13 +240,15 @@ def test_emulation_reports_mistakes(driver, mistake, report):
 def test_matches_cpu_op(driver, tmp_path, make_inputs, assert_close_relative, case, vectorise,
                         dtype):
     inputs, grad_output = make_case(make_inputs, case)
-    ours = run_emulated(driver, tmp_path / 'run', inputs, grad_output, dtype, vectorise)
+    ours = run_emulated(driver, tmp_path / 'run', inputs, grad_output, dtype, vectorise,
+                        repeats=1)
     # The vector path really ran where it can, and only there.
     dim = CASES[case]['dim']
     expect_vector = vectorise and dim % VECTOR[dtype] == 0
-    assert ours['info']['forward_vectorised'] == expect_vector
-    assert ours['info']['backward_vectorised'] == expect_vector
-    check_against_cpu(ours, inputs, grad_output, dtype, assert_close_relative)
+    for path in ('forward', 'backward', 'deterministic'):
+        assert ours['info'][f'{path}_vectorised'] == expect_vector, path
+    check_against_cpu(ours, inputs, grad_output, dtype, assert_close_relative,
+                      deterministic_runs=1)
 
 
 @pytest.mark.parametrize('case', ['original', 'odd_one_level_8_points'])
@@ -237,8 +257,9 @@ def test_nothing_read_before_the_start(driver, tmp_path, make_inputs, assert_clo
     """Each tensor flush against the guard page before its start instead of after its end."""
     inputs, grad_output = make_case(make_inputs, case)
     ours = run_emulated(driver, tmp_path / 'run', inputs, grad_output, torch.float32,
-                        placement='start')
-    check_against_cpu(ours, inputs, grad_output, torch.float32, assert_close_relative)
+                        placement='start', repeats=1)
+    check_against_cpu(ours, inputs, grad_output, torch.float32, assert_close_relative,
+                      deterministic_runs=1)
 
 
 @pytest.mark.parametrize('shapes, starts', [
@@ -264,5 +285,39 @@ def test_inconsistent_levels_read_nothing_outside_value(driver, tmp_path, make_i
     loc[1, 2, 1, 1, 1, 1] = -float('inf')
     grad_output = torch.randn(2, 13, 16, dtype=torch.float64,
                               generator=torch.Generator().manual_seed(3))
-    ours = run_emulated(driver, tmp_path / 'run', inputs, grad_output, dtype)
-    check_against_cpu(ours, inputs, grad_output, dtype, assert_close_relative)
+    ours = run_emulated(driver, tmp_path / 'run', inputs, grad_output, dtype, repeats=1)
+    check_against_cpu(ours, inputs, grad_output, dtype, assert_close_relative,
+                      deterministic_runs=1)
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float16], ids=DTYPE_NAMES.get)
+def test_deterministic_backward_is_bitwise_reproducible(driver, tmp_path, make_inputs,
+                                                        assert_close_relative, dtype):
+    """The deterministic backward (torch.use_deterministic_algorithms on a GPU) gives the
+    same bits on every run, whatever the schedule: three runs on eight host threads agree,
+    and grad_value, whose every element is one sum in a fixed order, is the same bits
+    even on a single thread without the vector path. (grad_loc and grad_attn reduce over
+    channels across a group's lanes: the vector path, which changes the group, changes
+    their rounding, but never from run to run.)"""
+    # Many queries on small maps: every grad_value row sums many terms, so the order of
+    # the additions shows in the low bits.
+    inputs = make_inputs([(3, 2), (1, 2)], bs=2, heads=2, dim=8, nq=200, points=4, outside=0.1)
+    grad_output = torch.randn(2, 200, 16, dtype=torch.float64,
+                              generator=torch.Generator().manual_seed(5))
+    many = run_emulated(driver, tmp_path / 'many', inputs, grad_output, dtype, workers=8,
+                        repeats=3)
+    one = run_emulated(driver, tmp_path / 'one', inputs, grad_output, dtype, vectorise=False,
+                       workers=1, repeats=1)
+    assert many['info']['deterministic_vectorised'] and not one['info']['deterministic_vectorised']
+    for name in ('grad_value', 'grad_sampling_locations', 'grad_attention_weights'):
+        first = bits(many[f'{name}_deterministic_0'])
+        for run in (1, 2):
+            assert torch.equal(bits(many[f'{name}_deterministic_{run}']), first), \
+                f'{name} of the deterministic backward differs between runs'
+    assert torch.equal(bits(one['grad_value_deterministic_0']),
+                       bits(many['grad_value_deterministic_0']))
+    # grad_loc and grad_attn have no atomics on either path: the same bits.
+    for name in ('grad_sampling_locations', 'grad_attention_weights'):
+        assert torch.equal(bits(many[name]), bits(many[f'{name}_deterministic_0']))
+    check_against_cpu(many, inputs, grad_output, dtype, assert_close_relative,
+                      deterministic_runs=3)

@@ -8,7 +8,10 @@
 // 16-byte vector load where the layout allows it. Arithmetic is in float32 for
 // float32/float16/bfloat16 inputs (float64 for float64). Backward reduces the per-point
 // gradients of locations and weights across the G threads with warp shuffles, so they
-// are written once, without atomics; only grad_value needs atomics (float32 buffer).
+// are written once, without atomics. grad_value has two paths: atomics into a float32
+// (float64) buffer, the fast default; or, for torch.use_deterministic_algorithms, a list
+// of its terms that the launcher sorts by row, summed per row in a fixed order
+// (grad_value_from_terms_kernel).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -142,9 +145,14 @@ __device__ __forceinline__ acc_t group_sum(acc_t x, int group) {
   return x;
 }
 
-// grad_value (accumulated in acc_t, zero-initialised by the caller) gets atomics; grad_loc
-// and grad_attn are written once per point by the group's first lane.
-template <typename scalar_t, int V>
+// grad_loc and grad_attn are written once per point by the group's first lane. grad_value:
+//   - atomic path (kDeterministic false): added into `grad_value` (accumulated in acc_t,
+//     zero-initialised by the caller) with atomics;
+//   - deterministic path: not touched. Corner k of point i (i = (bqh * levels + l) * points
+//     + p) is the term 4 * i + k, `term_weight * grad_out[bqh]` added into grad_value row
+//     `term_row` ((b * num_keys + key) * heads + h), or into none (term_row = the number
+//     of rows, bs * num_keys * heads, which the caller keeps below 2^31 - 1).
+template <typename scalar_t, int V, bool kDeterministic>
 __global__ void backward_kernel(KernelSizes s, int group, const scalar_t* __restrict__ grad_out,
                                 const scalar_t* __restrict__ value,
                                 const int64_t* __restrict__ shapes,
@@ -152,6 +160,8 @@ __global__ void backward_kernel(KernelSizes s, int group, const scalar_t* __rest
                                 const scalar_t* __restrict__ loc,
                                 const scalar_t* __restrict__ attn,
                                 typename Acc<scalar_t>::type* __restrict__ grad_value,
+                                int32_t* __restrict__ term_row,
+                                typename Acc<scalar_t>::type* __restrict__ term_weight,
                                 scalar_t* __restrict__ grad_loc, scalar_t* __restrict__ grad_attn) {
   using acc_t = typename Acc<scalar_t>::type;
   const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -197,7 +207,7 @@ __global__ void backward_kernel(KernelSizes s, int group, const scalar_t* __rest
             dot[k] += go[j] * v[j];
             gv[j] = wgt * go[j];
           }
-          atomic_add_vec<V>(grad_value + row, gv);
+          if constexpr (!kDeterministic) atomic_add_vec<V>(grad_value + row, gv);
         }
       }
       acc_t g_attn = acc_t(0), g_x = acc_t(0), g_y = acc_t(0);
@@ -215,8 +225,72 @@ __global__ void backward_kernel(KernelSizes s, int group, const scalar_t* __rest
         grad_attn[i] = from_acc<scalar_t>(g_attn);
         grad_loc[2 * i] = from_acc<scalar_t>(a * g_x);
         grad_loc[2 * i + 1] = from_acc<scalar_t>(a * g_y);
+        if constexpr (kDeterministic) {
+          const int64_t no_row = s.bs * s.num_keys * s.heads;
+#pragma unroll
+          for (int k = 0; k < 4; ++k) {
+            const bool used = taps.index[k] >= 0;
+            term_row[4 * i + k] = static_cast<int32_t>(
+                used ? (b * s.num_keys + taps.index[k]) * s.heads + h : no_row);
+            term_weight[4 * i + k] = used ? a * taps.weight[k] : acc_t(0);
+          }
+        }
       }
     }
+  }
+}
+
+// First index in [lo, hi) of the ascending `a` whose value is at least `key` (hi if none).
+__device__ __forceinline__ int64_t first_at_least(const int32_t* __restrict__ a, int64_t lo,
+                                                  int64_t hi, int64_t key) {
+  while (lo < hi) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    if (a[mid] < key) {
+      lo = mid + 1;
+    } else {
+      hi = mid;
+    }
+  }
+  return lo;
+}
+
+// Deterministic grad_value: a group of G threads per grad_value row (bs * num_keys *
+// heads rows of dim) sums the row's terms, written by backward_kernel<..., true> and
+// sorted stably by row by the caller (sorted_row ascending, order[j] the index of the
+// j-th term), in that order: the same additions in the same order on every run, whatever
+// the schedule. Every element of grad_value is written, rows without terms with zero.
+template <typename scalar_t, int V>
+__global__ void grad_value_from_terms_kernel(KernelSizes s, int group,
+                                             const scalar_t* __restrict__ grad_out,
+                                             const int32_t* __restrict__ sorted_row,
+                                             const int64_t* __restrict__ order,
+                                             const typename Acc<scalar_t>::type* __restrict__ term_weight,
+                                             scalar_t* __restrict__ grad_value) {
+  using acc_t = typename Acc<scalar_t>::type;
+  const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t row = tid / group;
+  if (row >= s.bs * s.num_keys * s.heads) return;  // no shuffles here
+  const int lane = static_cast<int>(tid % group);
+  const int64_t terms_per_bqh = s.levels * s.points * 4;
+  const int64_t terms = s.bs * s.nq * s.heads * terms_per_bqh;
+  const int64_t begin = first_at_least(sorted_row, 0, terms, row);
+  const int64_t end = first_at_least(sorted_row, begin, terms, row + 1);
+  for (int64_t c = lane * V; c < s.dim; c += static_cast<int64_t>(group) * V) {
+    acc_t acc[V];
+#pragma unroll
+    for (int j = 0; j < V; ++j) acc[j] = acc_t(0);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t term = order[t];
+      const acc_t wgt = term_weight[term];
+      acc_t go[V];
+      load_acc<scalar_t, V>(grad_out + (term / terms_per_bqh) * s.dim + c, go);
+#pragma unroll
+      for (int j = 0; j < V; ++j) acc[j] += wgt * go[j];
+    }
+    Vec<scalar_t, V> o;
+#pragma unroll
+    for (int j = 0; j < V; ++j) o.v[j] = from_acc<scalar_t>(acc[j]);
+    *reinterpret_cast<Vec<scalar_t, V>*>(grad_value + row * s.dim + c) = o;
   }
 }
 
@@ -295,11 +369,65 @@ cudaError_t launch_backward(const KernelSizes& s, bool vectorised, const scalar_
   if (blocks > kMaxBlocks) return cudaErrorInvalidConfiguration;
   const auto grid = static_cast<unsigned int>(blocks);
   if (vectorised) {
-    MSDA_LAUNCH(grid, kThreads, stream, backward_kernel<scalar_t, vec>)(
-        s, group, grad_out, value, shapes, starts, loc, attn, grad_value, grad_loc, grad_attn);
+    MSDA_LAUNCH(grid, kThreads, stream, backward_kernel<scalar_t, vec, false>)(
+        s, group, grad_out, value, shapes, starts, loc, attn, grad_value, nullptr, nullptr,
+        grad_loc, grad_attn);
   } else {
-    MSDA_LAUNCH(grid, kThreads, stream, backward_kernel<scalar_t, 1>)(
-        s, group, grad_out, value, shapes, starts, loc, attn, grad_value, grad_loc, grad_attn);
+    MSDA_LAUNCH(grid, kThreads, stream, backward_kernel<scalar_t, 1, false>)(
+        s, group, grad_out, value, shapes, starts, loc, attn, grad_value, nullptr, nullptr,
+        grad_loc, grad_attn);
+  }
+  return cudaGetLastError();
+}
+
+// Deterministic backward, first step: grad_loc, grad_attn and grad_value's terms
+// (bs * nq * heads * levels * points * 4 of each); see backward_kernel. `vectorised`:
+// can_vectorise holds for grad_out, value and grad_value.
+template <typename scalar_t>
+cudaError_t launch_backward_terms(const KernelSizes& s, bool vectorised, const scalar_t* grad_out,
+                                  const scalar_t* value, const int64_t* shapes,
+                                  const int64_t* starts, const scalar_t* loc,
+                                  const scalar_t* attn, int32_t* term_row,
+                                  typename Acc<scalar_t>::type* term_weight, scalar_t* grad_loc,
+                                  scalar_t* grad_attn, cudaStream_t stream) {
+  constexpr int vec = kVec<scalar_t>;
+  const int group = group_size(s.dim, vectorised ? vec : 1);
+  const int64_t blocks = num_blocks(s.bs * s.nq * s.heads, group);
+  if (blocks == 0) return cudaSuccess;
+  if (blocks > kMaxBlocks) return cudaErrorInvalidConfiguration;
+  const auto grid = static_cast<unsigned int>(blocks);
+  if (vectorised) {
+    MSDA_LAUNCH(grid, kThreads, stream, backward_kernel<scalar_t, vec, true>)(
+        s, group, grad_out, value, shapes, starts, loc, attn, nullptr, term_row, term_weight,
+        grad_loc, grad_attn);
+  } else {
+    MSDA_LAUNCH(grid, kThreads, stream, backward_kernel<scalar_t, 1, true>)(
+        s, group, grad_out, value, shapes, starts, loc, attn, nullptr, term_row, term_weight,
+        grad_loc, grad_attn);
+  }
+  return cudaGetLastError();
+}
+
+// Deterministic backward, last step, after the caller's stable sort of term_row:
+// grad_value in its own dtype. `vectorised`: as for launch_backward_terms.
+template <typename scalar_t>
+cudaError_t launch_grad_value_from_terms(const KernelSizes& s, bool vectorised,
+                                         const scalar_t* grad_out, const int32_t* sorted_row,
+                                         const int64_t* order,
+                                         const typename Acc<scalar_t>::type* term_weight,
+                                         scalar_t* grad_value, cudaStream_t stream) {
+  constexpr int vec = kVec<scalar_t>;
+  const int group = group_size(s.dim, vectorised ? vec : 1);
+  const int64_t blocks = num_blocks(s.bs * s.num_keys * s.heads, group);
+  if (blocks == 0) return cudaSuccess;
+  if (blocks > kMaxBlocks) return cudaErrorInvalidConfiguration;
+  const auto grid = static_cast<unsigned int>(blocks);
+  if (vectorised) {
+    MSDA_LAUNCH(grid, kThreads, stream, grad_value_from_terms_kernel<scalar_t, vec>)(
+        s, group, grad_out, sorted_row, order, term_weight, grad_value);
+  } else {
+    MSDA_LAUNCH(grid, kThreads, stream, grad_value_from_terms_kernel<scalar_t, 1>)(
+        s, group, grad_out, sorted_row, order, term_weight, grad_value);
   }
   return cudaGetLastError();
 }

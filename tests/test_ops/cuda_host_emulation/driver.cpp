@@ -10,7 +10,8 @@
 //
 // The glue around the launchers mirrors ops/csrc/cuda/multi_scale_deformable_attn_cuda.cu
 // (which needs torch and cannot be built here): the same vectorisation checks, a zeroed
-// float32/float64 grad_value for the atomic path.
+// float32/float64 grad_value for the atomic path, and for the deterministic path the
+// stable sort of the terms by row (at::sort there, std::stable_sort here).
 //
 // Usage:
 //   driver run CASE_DIR       inputs and case.txt in CASE_DIR; outputs written there;
@@ -23,6 +24,8 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cinttypes>
 #include <cstdio>
 #include <cstdlib>
@@ -166,7 +169,7 @@ struct Case {
   KernelSizes s;
   bool vectorise;  // false: force the one-element path
   Placement placement;
-  int repeats;     // runs of the deterministic backward
+  int repeats;     // runs of the deterministic backward (0: none)
 };
 
 Case parse_case(const std::string& dir) {
@@ -243,8 +246,46 @@ void run_case(const Case& c) {
   write_file(c.dir + "/grad_sampling_locations.bin", grad_loc.as<void>(), grad_loc.bytes());
   write_file(c.dir + "/grad_attention_weights.bin", grad_attn.as<void>(), grad_attn.bytes());
 
-  std::printf("{\"forward_vectorised\": %s, \"backward_vectorised\": %s, \"group\": %d}\n",
-              fwd_vec ? "true" : "false", bwd_vec ? "true" : "false",
+  // Deterministic backward, as backward_cuda_deterministic, `repeats` times.
+  const size_t n_terms = n_attn * 4;
+  bool det_vec = false;
+  for (int r = 0; r < c.repeats; ++r) {
+    Guarded term_row("term_row", n_terms * 4, p), term_weight("term_weight", n_terms * sizeof(acc_t), p),
+        det_grad_value("grad_value", n_value * e, p),
+        det_grad_loc("grad_sampling_locations", n_attn * 2 * e, p),
+        det_grad_attn("grad_attention_weights", n_attn * e, p);
+    for (Guarded* g : {&term_row, &term_weight, &det_grad_value, &det_grad_loc, &det_grad_attn}) {
+      g->fill(0xff);  // at::empty
+    }
+    det_vec = c.vectorise && ddetr::cuda::can_vectorise<scalar_t>(
+                                 s.dim, {grad_out.as<void>(), value.as<void>(),
+                                         det_grad_value.as<void>()});
+    check(ddetr::cuda::launch_backward_terms<scalar_t>(
+              s, det_vec, grad_out.as<scalar_t>(), value.as<scalar_t>(), shapes.as<int64_t>(),
+              starts.as<int64_t>(), loc.as<scalar_t>(), attn.as<scalar_t>(), term_row.as<int32_t>(),
+              term_weight.as<acc_t>(), det_grad_loc.as<scalar_t>(), det_grad_attn.as<scalar_t>(),
+              nullptr),
+          "launch_backward_terms");
+    // at::sort(term_row, stable=true): the one step the .cu does with torch.
+    Guarded sorted_row("sorted_row", n_terms * 4, p), order("order", n_terms * 8, p);
+    int64_t* ord = order.as<int64_t>();
+    const int32_t* rows = term_row.as<int32_t>();
+    for (size_t t = 0; t < n_terms; ++t) ord[t] = static_cast<int64_t>(t);
+    std::stable_sort(ord, ord + n_terms, [&](int64_t a, int64_t b) { return rows[a] < rows[b]; });
+    for (size_t t = 0; t < n_terms; ++t) sorted_row.as<int32_t>()[t] = rows[ord[t]];
+    check(ddetr::cuda::launch_grad_value_from_terms<scalar_t>(
+              s, det_vec, grad_out.as<scalar_t>(), sorted_row.as<int32_t>(), order.as<int64_t>(),
+              term_weight.as<acc_t>(), det_grad_value.as<scalar_t>(), nullptr),
+          "launch_grad_value_from_terms");
+    const std::string tag = "_deterministic_" + std::to_string(r);
+    write_file(c.dir + "/grad_value" + tag + ".bin", det_grad_value.as<void>(), det_grad_value.bytes());
+    write_file(c.dir + "/grad_sampling_locations" + tag + ".bin", det_grad_loc.as<void>(), det_grad_loc.bytes());
+    write_file(c.dir + "/grad_attention_weights" + tag + ".bin", det_grad_attn.as<void>(), det_grad_attn.bytes());
+  }
+
+  std::printf("{\"forward_vectorised\": %s, \"backward_vectorised\": %s, "
+              "\"deterministic_vectorised\": %s, \"group\": %d}\n",
+              fwd_vec ? "true" : "false", bwd_vec ? "true" : "false", det_vec ? "true" : "false",
               ddetr::cuda::group_size(s.dim, fwd_vec ? ddetr::cuda::kVec<scalar_t> : 1));
 }
 

@@ -77,6 +77,8 @@ def measure_bandwidth(device: str) -> float:
 
 def implementations(device: str) -> Dict[str, Callable]:
     impls = {'ours': multi_scale_deformable_attn}
+    if device == 'cuda':  # timed under torch.use_deterministic_algorithms(True)
+        impls['ours-deterministic'] = multi_scale_deformable_attn
     try:
         from mmcv.ops import multi_scale_deform_attn as mmcv_op
     except ImportError:
@@ -118,8 +120,9 @@ def time_call(fn: Callable, device: str, min_time: float, max_repeat: int) -> fl
 
 
 def measure(fn: Callable, inputs: Dict[str, torch.Tensor], device: str, min_time: float,
-            max_repeat: int) -> Tuple[float, float]:
-    """(forward, forward + backward) seconds."""
+            max_repeat: int, deterministic: bool = False) -> Tuple[float, float]:
+    """(forward, forward + backward) seconds, under torch.use_deterministic_algorithms
+    if ``deterministic``."""
     leaves = {k: v.requires_grad_() if v.is_floating_point() else v for k, v in inputs.items()}
     grad = torch.randn(BS, leaves['sampling_locations'].shape[1], HEADS * DIM, device=device,
                        dtype=leaves['value'].dtype)
@@ -133,8 +136,13 @@ def measure(fn: Callable, inputs: Dict[str, torch.Tensor], device: str, min_time
         torch.autograd.grad(out, [leaves['value'], leaves['sampling_locations'],
                                   leaves['attention_weights']], grad)
 
-    return (time_call(forward, device, min_time, max_repeat),
-            time_call(forward_backward, device, min_time, max_repeat))
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        return (time_call(forward, device, min_time, max_repeat),
+                time_call(forward_backward, device, min_time, max_repeat))
+    finally:
+        torch.use_deterministic_algorithms(previous)
 
 
 def main() -> None:
@@ -166,7 +174,8 @@ def main() -> None:
                 inputs = make_inputs(height, width, nq, args.device, dtype)
                 try:
                     results[name] = measure(fn, inputs, args.device, args.min_time,
-                                            args.max_repeat)
+                                            args.max_repeat,
+                                            deterministic=name == 'ours-deterministic')
                 except (RuntimeError, NotImplementedError) as err:  # e.g. no fp16 kernel
                     print(f'| {case} | {dtype_name} | {name} | n/a: '
                           f'{str(err).splitlines()[0][:60]} | | | |')

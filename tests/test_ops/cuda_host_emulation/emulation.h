@@ -250,11 +250,11 @@ inline void run_warp(Warp& w, unsigned block, unsigned first_thread, dim3 grid, 
   current_warp = &w;
   gridDim = grid;
   blockDim = block_dim;
-  blockIdx = dim3(block);
+  blockIdx = dim3(block, 0, 0);
   while (true) {
     for (int l = 0; l < w.lanes; ++l) {
       if (w.state[l] != Warp::kReady) continue;
-      threadIdx = dim3(first_thread + l);
+      threadIdx = dim3(first_thread + l, 0, 0);
       w.current = l;
       swapcontext(&w.scheduler, &w.context[l]);
     }

@@ -28,8 +28,10 @@ struct BilinearTaps {
 
 // Taps of location (x, y) in [0, 1] on an h x w level whose first key is `start`.
 // align_corners=False: pixel i covers [i, i + 1) / size, so its centre is (i + 0.5) / size.
-// Every index is also bounded by `num_keys`, so that inconsistent level shapes (not
-// validated on the GPU, where that would need a host sync) can never read outside value.
+// Every index is also bounded by `num_keys`, so that inconsistent level shapes or starts
+// (not validated on the GPU, where that would need a host sync) can never read outside
+// value, whatever h, w and start hold: the row is formed only once it is known to lie in
+// [0, num_keys), so that no integer arithmetic can overflow on the way.
 template <typename acc_t>
 MSDA_HOST_DEVICE BilinearTaps<acc_t> bilinear_taps(acc_t x, acc_t y, int64_t h, int64_t w,
                                                    int64_t start, int64_t num_keys) {
@@ -57,11 +59,16 @@ MSDA_HOST_DEVICE BilinearTaps<acc_t> bilinear_taps(acc_t x, acc_t y, int64_t h, 
   const acc_t wx[4] = {hx, lx, hx, lx};
   const acc_t sign_x[4] = {-1, 1, -1, 1};
   const acc_t sign_y[4] = {-1, -1, 1, 1};
+  const bool start_valid = start >= 0 && start < num_keys;
   for (int k = 0; k < 4; ++k) {
+    // x0 and y0 lie in [-1, 2^63 - 1024]: xi and yi are above -1 and below w and h.
     const int64_t xx = x0 + (k & 1), yy = y0 + (k >> 1);
-    const int64_t row = start + yy * w + xx;
-    const bool inside = xx >= 0 && xx < w && yy >= 0 && yy < h && row >= 0 && row < num_keys;
-    t.index[k] = inside ? row : -1;
+    const bool in_map = start_valid && xx >= 0 && xx < w && yy >= 0 && yy < h;
+    // Given in_map (so w > 0): start + yy * w + xx < num_keys <=> yy * w <= room. room
+    // cannot overflow once start and xx are in range, and the product is tested by division.
+    const bool inside = in_map && num_keys - 1 - start - xx >= 0 &&
+                        yy <= (num_keys - 1 - start - xx) / w;
+    t.index[k] = inside ? start + yy * w + xx : -1;
     t.weight[k] = wy[k] * wx[k];
     t.dweight_dx[k] = sign_x[k] * wy[k] * sx;
     t.dweight_dy[k] = sign_y[k] * wx[k] * sy;

@@ -86,6 +86,25 @@ def test_locations_outside_contribute_zero(make_inputs, forward_backward):
         assert torch.count_nonzero(t) == 0
 
 
+def test_backward_is_deterministic(make_inputs, forward_backward):
+    """The CPU backward needs no atomics (each thread owns whole (batch, head) slices of
+    grad_value), so its gradients are the same bits on every run and for any number of
+    threads."""
+    # Many queries on small maps: every grad_value row sums many terms.
+    inputs = make_inputs([(3, 2), (2, 2)], bs=2, heads=4, dim=8, nq=150)
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for n in (1, 3, 3, 4):
+            torch.set_num_threads(n)
+            runs.append(forward_backward(multi_scale_deformable_attn, inputs))
+    finally:
+        torch.set_num_threads(threads)
+    for run in runs[1:]:
+        for name, a, b in zip(NAMES, run, runs[0]):
+            assert torch.equal(a.view(torch.int32), b.view(torch.int32)), f'{name} differs'
+
+
 def test_non_contiguous_inputs(make_inputs):
     inputs = make_inputs(SHAPES['non_square_odd'], heads=4, dim=8)
     expected = multi_scale_deformable_attn(**inputs)

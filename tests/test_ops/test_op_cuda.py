@@ -288,3 +288,30 @@ def test_torch_compile_inductor_of_a_layer(make_inputs):
     (grad, ) = torch.autograd.grad(out.square().sum(), query)
     torch.testing.assert_close(out, eager_out, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(grad, eager_grad, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float16], ids=str)
+def test_deterministic_backward_is_bitwise_reproducible(dtype, make_inputs, forward_backward,
+                                                        assert_close_relative):
+    """Under torch.use_deterministic_algorithms the backward takes the path without
+    floating-point atomics: the same bits on every run, and the default (atomic) path's
+    values within the dtype's tolerance."""
+    # Many queries on a small map: each grad_value row sums hundreds of terms, in an
+    # order that atomics would change from run to run.
+    inputs = to_device(make_inputs(SHAPES['one_level_odd'], bs=2, heads=8, dim=32, nq=2000),
+                       dtype)
+    default = forward_backward(multi_scale_deformable_attn, inputs)
+    enabled = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        runs = [forward_backward(multi_scale_deformable_attn, inputs) for _ in range(5)]
+    finally:
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+    for run in runs[1:]:
+        for name, a, b in zip(NAMES, run, runs[0]):
+            assert torch.equal(a.view(torch.int16 if dtype == torch.float16 else torch.int32),
+                               b.view(torch.int16 if dtype == torch.float16 else torch.int32)), \
+                f'{name} differs between runs of the deterministic backward'
+    for name, a, b in zip(NAMES, runs[0], default):
+        assert_close_relative(a.float(), b.float(), TOLERANCE[dtype], name)

@@ -27,7 +27,8 @@ def main() -> None:
     parser.add_argument('src', help='official checkpoint (.pth, with a "model" entry)')
     parser.add_argument('dst', help='where to write the converted checkpoint')
     parser.add_argument('--keep-classes', action='store_true',
-                        help='keep all 91 classifier rows as they are (a model with num_classes=91)')
+                        help='keep all 91 classifier rows as they are (for a model with '
+                        'num_classes=91)')
     args = parser.parse_args()
     ckpt = load_local_checkpoint(args.src, map_location='cpu')
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get('model'), dict):

@@ -9,7 +9,9 @@
   (github.com/fundamentalvision/Deformable-DETR) holds ``backbone.0.body.*``
   (torchvision ResNet), ``input_proj.*``, ``transformer.*``, ``class_embed.*``,
   ``bbox_embed.*`` and ``query_embed.weight``. Its classifiers have 91 outputs indexed
-  by COCO category id; ours have 80, in CocoDataset's order (:data:`COCO_IDS`).
+  by COCO category id; ours have 80, in CocoDataset's order (:data:`COCO_IDS`). The
+  two-stage model's extra classifier, which scores the encoder proposals, is not indexed
+  by category: see :func:`official_to_ours`.
 
 The command lines are ``tools/model_converters/{mmdet,official}_to_ours.py``; they load
 their input with :func:`.safe_checkpoint.load_local_checkpoint`.
@@ -124,14 +126,26 @@ def official_to_ours(model: Dict[str, torch.Tensor],
                      ) -> 'OrderedDict[str, torch.Tensor]':
     """Returns our state dict for an official Deformable-DETR ``model`` state dict.
 
+    The decoder's classifiers (``class_embed.0`` .. ``class_embed.{L-1}``, L decoder
+    layers) have one row per COCO category id; our row ``i`` is their row
+    ``class_ids[i]``. The two-stage model's extra classifier (``class_embed.L``) scores
+    the encoder's proposals: the official code, mmdet's and ours rank proposals by its
+    channel 0 and train it with every object labelled 0, so its row 0 is a
+    class-agnostic objectness score, not a category. That branch keeps its first
+    ``len(class_ids)`` rows as they are: row 0 stays row 0, and the others, which every
+    code only ever trains as negatives and never reads, fill the remaining rows.
+
     Args:
         model: The ``model`` entry of an official checkpoint.
-        class_ids: Category id of each of our labels: classifier rows are picked in
-            this order. None keeps the classifier as it is.
+        class_ids: Category id of each of our labels: decoder classifier rows are picked
+            in this order. None keeps every classifier as it is (91 outputs).
 
     Raises:
         KeyError: keys every official model has are missing.
-        ValueError: unknown keys, or aliased head branches that disagree.
+        ValueError: unknown keys, aliased head branches that disagree, a class id out of
+            range, or a two-stage model whose encoder and decoder share one classifier
+            (no box refinement) converted to fewer classes: no choice of rows keeps
+            both the decoder's classes and the proposal score.
     """
     missing = [k for k in OFFICIAL_REQUIRED if k not in model]
     if missing:
@@ -141,6 +155,14 @@ def official_to_ours(model: Dict[str, torch.Tensor],
     num_backbone_levels = sum(1 for k, v in model.items()
                               if re.match(r'^input_proj\.\d+\.0\.weight$', k) and
                               v.shape[-1] == 1)
+    encoder_branch = _encoder_class_branch(model)
+    if encoder_branch is not None and class_ids is not None and not any(
+            k.startswith('transformer.decoder.bbox_embed.') for k in model):
+        raise ValueError(
+            'a two-stage model without box refinement shares one classifier between the '
+            'decoder (rows by COCO id) and the encoder proposals (row 0, class-agnostic): '
+            'it cannot be reduced to fewer classes exactly; convert it with all classes '
+            '(class_ids=None, --keep-classes)')
     out, unexpected = OrderedDict(), []
     for key, value in model.items():
         if OFFICIAL_ALIASES.match(key):
@@ -160,10 +182,9 @@ def official_to_ours(model: Dict[str, torch.Tensor],
             unexpected.append(key)
             continue
         if new.startswith('bbox_head.cls_branches.') and class_ids is not None:
-            if value.shape[0] <= max(class_ids):
-                raise ValueError(f'{key} has {value.shape[0]} classes; class id '
-                                 f'{max(class_ids)} is out of range')
-            value = value[list(class_ids)]
+            encoder = (encoder_branch is not None and
+                       key.startswith(f'class_embed.{encoder_branch}.'))
+            value = _class_rows(key, value, class_ids, encoder)
         out[new] = value
         # mmdet's BatchNorm counts batches; the official FrozenBatchNorm does not.
         if new.startswith('backbone.') and new.endswith('.running_mean'):
@@ -172,6 +193,34 @@ def official_to_ours(model: Dict[str, torch.Tensor],
         raise ValueError('unexpected keys for an official Deformable-DETR state dict: ' +
                          _some(unexpected))
     return out
+
+
+def _encoder_class_branch(model: Dict[str, torch.Tensor]) -> Optional[int]:
+    """Index of the two-stage model's proposal classifier in ``class_embed``, else None.
+
+    Only the two-stage model has ``transformer.enc_output``; its ``class_embed`` holds
+    one branch per decoder layer, then the proposal classifier.
+    """
+    if 'transformer.enc_output.weight' not in model:
+        return None
+    layers = {int(m[1]) for k in model
+              if (m := re.match(r'^transformer\.decoder\.layers\.(\d+)\.', k))}
+    return len(layers)
+
+
+def _class_rows(key: str, value: torch.Tensor, class_ids: Sequence[int],
+                encoder: bool) -> torch.Tensor:
+    """The rows of official classifier tensor ``key`` for our labels (see
+    :func:`official_to_ours`): by category id, or the first ones for the encoder's."""
+    if encoder:
+        if value.shape[0] < len(class_ids):
+            raise ValueError(f'{key} has {value.shape[0]} rows, fewer than the '
+                             f'{len(class_ids)} classes asked for')
+        return value[:len(class_ids)]
+    if value.shape[0] <= max(class_ids):
+        raise ValueError(f'{key} has {value.shape[0]} classes; class id '
+                         f'{max(class_ids)} is out of range')
+    return value[list(class_ids)]
 
 
 def _some(keys: Sequence[str], most: int = 20) -> str:

@@ -1,5 +1,6 @@
 """Checkpoint converters: mmdet -> ours, official Deformable-DETR -> ours."""
 import argparse
+import copy
 import re
 
 import pytest
@@ -46,6 +47,42 @@ def test_mmdet_converter_errors(tmp_path, build_pair, run_tool):
     assert result.returncode != 0 and 'missing level_embed' in result.stderr
 
 
+def test_mmdet_two_stage_checkpoint_picks_the_same_proposals(build_pair, small_model_cfg,
+                                                             make_batch):
+    """mmdet 3.3 ranks the encoder proposals by channel 0 of its proposal classifier and
+    trains it with every object labelled 0, as we do: the converter keeps its rows as
+    they are, and both models pick the same top-k proposals, in the same order."""
+    # (seed 1: weights with which the padding constant below ranks under the real
+    # proposals of both images, so that every pick is a real choice; checked below)
+    theirs, _ = build_pair('twostage', seed=1)
+    ours = MODELS.build(small_model_cfg('twostage'))
+    ours.load_state_dict(mmdet_to_ours(theirs.state_dict()), strict=True)
+    inputs, samples = make_batch(img_shapes=((64, 96), (48, 72)), num_gts=(1, 1))
+    picked = {}
+    for name, model, references in (('mmdet', theirs, lambda out: out[0]['reference_points']),
+                                    ('ours', ours, lambda out: out[2])):
+        pre_decoder = model.pre_decoder
+
+        def record(*args, name=name, pre_decoder=pre_decoder, references=references,
+                   **kwargs):
+            out = pre_decoder(*args, **kwargs)
+            picked[name] = references(out)
+            return out
+
+        model.pre_decoder = record
+        model.eval()
+        with torch.no_grad():
+            model(inputs, copy.deepcopy(samples), mode='predict')
+    # The proposals' boxes, in rank order: another proposal would be another pixel's box.
+    assert picked['ours'].shape == picked['mmdet'].shape == (2, ours.num_queries, 4)
+    torch.testing.assert_close(picked['ours'], picked['mmdet'], rtol=0, atol=1e-5)
+    # Real proposals only. (Padding and border proposals all score one constant, the
+    # classifier of a zeroed memory, and come out as boxes of ones: untrained weights
+    # may rank that constant above real proposals, which training then pushes down.
+    # The official code, mmdet and ours alike.)
+    assert ((picked['ours'] > 0) & (picked['ours'] < 1)).all()
+
+
 # -- official -> ours -------------------------------------------------------------
 
 ENC = [('norms.0.', 'norm1.'), ('norms.1.', 'norm2.'), ('ffn.layers.0.0.', 'linear1.'),
@@ -62,8 +99,51 @@ TOP = {'level_embed': 'transformer.level_embed', 'query_embedding.': 'query_embe
        'pos_trans_fc.': 'transformer.pos_trans.', 'pos_trans_norm.': 'transformer.pos_trans_norm.'}
 
 
-def to_official(state, num_backbone_levels, refine, two_stage, gen):
-    """Writes our state dict the way the official code names it (91 classes)."""
+VARIANTS = {  # the official release's variants, by our config names
+    'singlescale': 'deformable-detr-singlescale_r50_16xb2-50e_coco.py',
+    'dc5': 'deformable-detr-singlescale-dc5_r50_16xb2-50e_coco.py',
+    'plain': 'plain', 'refine': 'refine', 'twostage': 'twostage'}
+
+
+def variant_cfg(variant, small_model_cfg, num_classes=80):
+    """A small model config of an official variant (DC5 needs a Bottleneck ResNet)."""
+    cfg = small_model_cfg(VARIANTS[variant])
+    if variant == 'dc5':
+        cfg.backbone.depth = 50
+        cfg.neck.in_channels = [2048]
+    cfg.bbox_head.num_classes = num_classes
+    return cfg
+
+
+def perturbed_model(cfg, seed):
+    """The model of ``cfg``, initialised, then every parameter and float buffer
+    perturbed with normal noise: no zero, one or repeated value hides a mix-up."""
+    torch.manual_seed(seed)
+    model = MODELS.build(cfg)
+    model.init_weights()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+        for name, b in model.named_buffers():
+            if name.endswith('running_var'):  # stays positive
+                b.mul_(torch.exp(0.2 * torch.randn(b.shape, generator=gen)))
+            elif b.is_floating_point():
+                b.add_(0.1 * torch.randn(b.shape, generator=gen))
+    return model.eval()
+
+
+def to_official(state, cfg, gen):
+    """Writes our state dict the way the official code names it, with 91 classes.
+
+    An 80-class classifier is spread over 91 rows: a decoder layer's rows at their
+    COCO ids, the two-stage proposal classifier's rows first (its row 0 is the
+    class-agnostic score the official model ranks proposals by); the other rows are
+    noise. A 91-class classifier is written as it is.
+    """
+    num_backbone_levels = len(cfg.neck.in_channels)
+    refine, two_stage = cfg.get('with_box_refine', False), cfg.get('as_two_stage', False)
+    encoder_branch = cfg.decoder.num_layers if two_stage else None
     out = {}
     for key, value in state.items():
         if key.startswith('backbone.'):
@@ -85,10 +165,13 @@ def to_official(state, num_backbone_levels, refine, two_stage, gen):
                 raise AssertionError(key)
             continue
         m = re.match(r'bbox_head\.cls_branches\.(\d+)\.(weight|bias)$', key)
-        if m:  # 91 rows indexed by category id; the rows of unused ids are noise
-            full = torch.randn((91, ) + value.shape[1:], generator=gen)
-            full[COCO_IDS] = value
-            out[f'class_embed.{m[1]}.{m[2]}'] = full
+        if m:
+            if value.shape[0] != 91:
+                full = torch.randn((91, ) + value.shape[1:], generator=gen)
+                rows = (list(range(len(value))) if int(m[1]) == encoder_branch else COCO_IDS)
+                full[rows] = value
+                value = full
+            out[f'class_embed.{m[1]}.{m[2]}'] = value
             continue
         m = re.match(r'bbox_head\.reg_branches\.(\d+)\.(\d)\.(.*)$', key)
         if m:
@@ -107,17 +190,10 @@ def to_official(state, num_backbone_levels, refine, two_stage, gen):
 @pytest.mark.parametrize('variant', ['plain', 'refine', 'twostage', 'singlescale'])
 def test_official_checkpoint_round_trip(variant, tmp_path, small_model_cfg, run_tool):
     init_default_scope('mmdet')
-    name = ('deformable-detr-singlescale_r50_16xb2-50e_coco.py'
-            if variant == 'singlescale' else variant)
-    cfg = small_model_cfg(name)
+    cfg = variant_cfg(variant, small_model_cfg)
     gen = torch.Generator().manual_seed(0)
-    source = MODELS.build(cfg)
-    with torch.no_grad():
-        for p in source.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen))
-    levels = len(cfg.neck.in_channels)
-    official = to_official(source.state_dict(), levels, cfg.get('with_box_refine', False),
-                           cfg.get('as_two_stage', False), gen)
+    source = perturbed_model(cfg, seed=0)
+    official = to_official(source.state_dict(), cfg, gen)
     # Spot-check names of the official code.
     assert 'transformer.decoder.layers.0.self_attn.in_proj_weight' in official
     assert 'backbone.0.body.layer4.1.bn2.running_var' in official
@@ -133,22 +209,92 @@ def test_official_checkpoint_round_trip(variant, tmp_path, small_model_cfg, run_
     torch.save(dict(model=official, args=argparse.Namespace(two_stage=False)), src)
     run_tool(['tools/model_converters/official_to_ours.py', str(src), str(dst)])
     target.load_state_dict(torch.load(dst, weights_only=True)['state_dict'], strict=True)
+    if variant == 'twostage':  # --keep-classes: every classifier as it is
+        run_tool(['tools/model_converters/official_to_ours.py', str(src), str(dst),
+                  '--keep-classes'])
+        kept = torch.load(dst, weights_only=True)['state_dict']
+        for i in range(cfg.decoder.num_layers + 1):
+            assert torch.equal(kept[f'bbox_head.cls_branches.{i}.weight'],
+                               official[f'class_embed.{i}.weight'])
+
+
+def transformer_outputs(model, inputs, samples):
+    """Every decoder layer's logits and boxes, the initial references (two-stage: the
+    top-k proposals, in rank order) and the encoder's proposal logits."""
+    with torch.no_grad():
+        outs = model.forward_transformer(model.extract_feat(inputs), copy.deepcopy(samples))
+        logits, boxes = model.bbox_head(outs['hidden_states'], outs['references'])
+    return dict(logits=logits, boxes=boxes, references=outs['references'][0],
+                enc_logits=outs['enc_outputs_class'])
+
+
+@pytest.mark.parametrize('variant', list(VARIANTS))
+def test_official_80_classes_compute_what_91_do(variant, small_model_cfg, make_batch):
+    """The official model's weights as they are (``--keep-classes``: 91 outputs, the
+    official model's computation) and converted to 80 classes: the same boxes for every
+    query, the same top-k proposals, the logits of the 80 classes equal.
+
+    Two images of different sizes (padding masks, valid ratios < 1) and perturbed weights.
+    """
+    init_default_scope('mmdet')
+    cfg91 = variant_cfg(variant, small_model_cfg, num_classes=91)
+    official = to_official(perturbed_model(cfg91, seed=1).state_dict(), cfg91,
+                           torch.Generator().manual_seed(1))
+    model91, model80 = MODELS.build(cfg91), MODELS.build(variant_cfg(variant, small_model_cfg))
+    model91.load_state_dict(official_to_ours(official, class_ids=None), strict=True)
+    model80.load_state_dict(official_to_ours(official), strict=True)
+    inputs, samples = make_batch(img_shapes=((64, 96), (48, 72)), num_gts=(1, 1))
+    out91 = transformer_outputs(model91.eval(), inputs, samples)
+    out80 = transformer_outputs(model80.eval(), inputs, samples)
+
+    # Same proposals (two-stage), picked in the same order; same queries otherwise.
+    assert torch.equal(out80['references'], out91['references'])
+    torch.testing.assert_close(out80['boxes'], out91['boxes'], rtol=0, atol=1e-6)
+    torch.testing.assert_close(out80['logits'], out91['logits'][..., COCO_IDS],
+                               rtol=0, atol=1e-5)
+    if variant == 'twostage':
+        enc80, enc91 = out80['enc_logits'], out91['enc_logits']
+        assert enc80.shape[-1] == 80 and enc91.shape[-1] == 91
+        torch.testing.assert_close(enc80[..., 0], enc91[..., 0], rtol=0, atol=1e-5)
+        torch.testing.assert_close(enc80, enc91[..., :80], rtol=0, atol=1e-5)
+        # the proposals are a real choice (fewer than half the pixels, scores that
+        # differ), inside each image (none from the padding)
+        assert out80['references'].shape[1] == model80.num_queries < enc80.shape[1] // 2
+        assert enc80[..., 0].std() > 0.1
+        assert ((out80['references'] > 0) & (out80['references'] < 1)).all()
+    else:
+        assert out80['enc_logits'] is None
 
 
 def test_official_converter_errors(small_model_cfg):
     init_default_scope('mmdet')
     cfg = small_model_cfg('refine')
     gen = torch.Generator().manual_seed(0)
-    official = to_official(MODELS.build(cfg).state_dict(), 3, True, False, gen)
+    official = to_official(MODELS.build(cfg).state_dict(), cfg, gen)
     with pytest.raises(KeyError, match='transformer.level_embed'):
         official_to_ours({k: v for k, v in official.items()
-                                  if k != 'transformer.level_embed'})
+                          if k != 'transformer.level_embed'})
     with pytest.raises(ValueError, match='transformer.foo'):
         official_to_ours(dict(official, **{'transformer.foo': torch.zeros(1)}))
     broken = dict(official)
     broken['transformer.decoder.bbox_embed.0.layers.0.bias'] = torch.zeros(256)
     with pytest.raises(ValueError, match='not a copy'):
         official_to_ours(broken)
+    with pytest.raises(ValueError, match='class id 95 is out of range'):
+        official_to_ours(official, class_ids=[1, 95])
     # Custom classes: --keep-classes keeps the rows as they are.
     kept = official_to_ours(official, class_ids=None)
     assert kept['bbox_head.cls_branches.0.weight'].shape[0] == 91
+
+
+def test_official_two_stage_with_a_shared_classifier_keeps_all_classes(small_model_cfg):
+    """Two-stage without refinement: one classifier serves the decoder (rows by COCO id)
+    and the proposals (row 0); only the 91-class conversion is exact."""
+    init_default_scope('mmdet')
+    cfg = variant_cfg('twostage', small_model_cfg, num_classes=91)
+    cfg.with_box_refine = False
+    official = to_official(MODELS.build(cfg).state_dict(), cfg, None)
+    assert 'transformer.decoder.class_embed.2.weight' in official  # the proposal branch
+    with pytest.raises(ValueError, match='shares one classifier.*--keep-classes'):
+        official_to_ours(official)
+    MODELS.build(cfg).load_state_dict(official_to_ours(official, class_ids=None), strict=True)

@@ -6,6 +6,11 @@
 Writes ``OUT/{train,val}/NNNNNN.jpg`` and ``OUT/annotations/{train,val}.json``, then loads
 each split back and checks it (``--no-validate`` skips that). The generator, its classes
 and its occlusion policy: :mod:`projects.deformable_detr.datasets.synthetic`.
+
+Another class set (the fine-tuning example's: three shapes the demo's set never shows):
+
+    python tools/dataset_converters/synthetic_coco.py --out data/synthetic_newshapes \
+        --classes diamond hexagon ring --num-train 1000 --num-val 200
 """
 import argparse
 import os.path as osp
@@ -13,8 +18,9 @@ import sys
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 
-from projects.deformable_detr.datasets.synthetic import (GenConfig,  # noqa: E402
-                                                         generate_split, validate)
+from projects.deformable_detr.datasets.synthetic import (CLASSES, SHAPES,  # noqa: E402
+                                                         GenConfig, generate_split,
+                                                         validate)
 
 
 def main() -> None:
@@ -27,11 +33,18 @@ def main() -> None:
     parser.add_argument('--max-objects', type=int, default=GenConfig.max_objects)
     parser.add_argument('--min-size', type=float, default=GenConfig.min_size)
     parser.add_argument('--max-size', type=float, default=GenConfig.max_size)
+    parser.add_argument('--classes', nargs='+', default=list(CLASSES), metavar='SHAPE',
+                        help=f'the class set, in category-id order, among: '
+                        f'{" ".join(SHAPES)} (default: {" ".join(CLASSES)})')
     parser.add_argument('--no-validate', action='store_true',
                         help='skip loading the result back with pycocotools')
     args = parser.parse_args()
-    cfg = GenConfig(img_size=args.img_size, max_objects=args.max_objects,
-                    min_size=args.min_size, max_size=args.max_size)
+    try:
+        cfg = GenConfig(img_size=args.img_size, max_objects=args.max_objects,
+                        min_size=args.min_size, max_size=args.max_size,
+                        classes=tuple(args.classes))
+    except ValueError as err:
+        parser.error(str(err))
     for split, num in (('train', args.num_train), ('val', args.num_val)):
         ann_file = generate_split(args.out, split, num, args.seed, cfg)
         if not args.no_validate:

@@ -3,8 +3,11 @@
     python tools/model_converters/official_to_ours.py r50_deformable_detr.pth ours.pth
 
 The official classifiers have 91 outputs indexed by COCO category id; ours have 80, in
-CocoDataset's order (``--keep-classes`` keeps all 91). Use the config of the same
-variant (plain / refine / refine-twostage, single-scale or not) to load the result.
+CocoDataset's order (``--keep-classes`` keeps all 91). The two-stage model's proposal
+classifier is class-agnostic (its channel 0 ranks the encoder proposals): it keeps its
+first 80 rows, channel 0 included. Use the config of the same variant (plain / refine /
+refine-twostage, single-scale or not) to load the result; with ``--keep-classes``, set
+``model.bbox_head.num_classes=91``.
 The renaming is :func:`projects.deformable_detr.converters.official_to_ours`.
 """
 import argparse
@@ -24,7 +27,8 @@ def main() -> None:
     parser.add_argument('src', help='official checkpoint (.pth, with a "model" entry)')
     parser.add_argument('dst', help='where to write the converted checkpoint')
     parser.add_argument('--keep-classes', action='store_true',
-                        help='keep the classifier rows as they are (not COCO-91 indexed)')
+                        help='keep all 91 classifier rows as they are (for a model with '
+                        'num_classes=91)')
     args = parser.parse_args()
     ckpt = load_local_checkpoint(args.src, map_location='cpu')
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get('model'), dict):

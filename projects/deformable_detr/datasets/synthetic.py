@@ -4,6 +4,10 @@ Five shape classes of distinct geometry (circle, square, triangle, cross, star),
 random colours and aspect ratios, on textured, noisy backgrounds. Sizes run from tiny
 (8 px, far below COCO's "small" limit of 32x32 px area) to large (> 96x96 px area).
 
+Another class set, for fine-tuning a model trained on the default one, is any choice of
+:data:`SHAPES` (``GenConfig.classes``): the five, and three shapes the default set never
+shows (diamond, hexagon, ring). Category ids are 1, 2, ... in the order given.
+
 Occlusion policy: boxes are *amodal*, i.e. always the full extent of the object, and no
 annotated object is hidden by more than ``max_occlusion`` (default 50 %) of its area. A
 placement that would hide more of an object already drawn is re-drawn elsewhere (or the
@@ -27,7 +31,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-CLASSES = ('circle', 'square', 'triangle', 'cross', 'star')
+CLASSES = ('circle', 'square', 'triangle', 'cross', 'star')  # the demo's classes
+SHAPES = CLASSES + ('diamond', 'hexagon', 'ring')  # every shape the generator draws
 SPLITS = ('train', 'val')
 SUPERSAMPLE = 4  # shapes are rasterised at 4x and box-filtered down: anti-aliased edges
 
@@ -42,13 +47,22 @@ class GenConfig:
     max_size: float = 104.0  # longer side
     max_occlusion: float = 0.5  # fraction of an object's area another may hide
     jpeg_quality: int = 92
+    classes: tuple[str, ...] = CLASSES  # names from SHAPES; category id k+1 is classes[k]
+
+    def __post_init__(self) -> None:
+        self.classes = tuple(self.classes)
+        unknown = [c for c in self.classes if c not in SHAPES]
+        if unknown or not self.classes or len(set(self.classes)) < len(self.classes):
+            raise ValueError(f'classes must be distinct names among {", ".join(SHAPES)}; '
+                             f'got {list(self.classes)}' +
+                             (f' (unknown: {", ".join(unknown)})' if unknown else ''))
 
 
 def _unit_polygon(name: str) -> np.ndarray | None:
     """Vertices of a class shape normalised to span exactly [-1, 1] on both axes.
 
-    None for the circle (drawn as an ellipse). Normalising makes the tight box of the
-    drawn shape equal to the box we sample, so annotations are exact.
+    None for the circle and the ring (drawn as ellipses). Normalising makes the tight box
+    of the drawn shape equal to the box we sample, so annotations are exact.
     """
     if name == 'square':
         pts = [(-1, -1), (1, -1), (1, 1), (-1, 1)]
@@ -62,6 +76,11 @@ def _unit_polygon(name: str) -> np.ndarray | None:
         ang = -np.pi / 2 + np.arange(10) * np.pi / 5
         rad = np.where(np.arange(10) % 2 == 0, 1.0, 0.42)
         pts = np.stack([rad * np.cos(ang), rad * np.sin(ang)], 1)
+    elif name == 'diamond':
+        pts = [(0, -1), (1, 0), (0, 1), (-1, 0)]
+    elif name == 'hexagon':
+        ang = np.arange(6) * np.pi / 3
+        pts = np.stack([np.cos(ang), np.sin(ang)], 1)
     else:
         return None
     pts = np.asarray(pts, dtype=np.float64)
@@ -69,7 +88,8 @@ def _unit_polygon(name: str) -> np.ndarray | None:
     return (pts - lo) / (hi - lo) * 2 - 1
 
 
-_POLYGONS = {name: _unit_polygon(name) for name in CLASSES}
+_POLYGONS = {name: _unit_polygon(name) for name in SHAPES}
+RING_HOLE = 0.55  # inner diameter of the ring over its outer one
 
 
 def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
@@ -114,6 +134,10 @@ def _alpha_mask(name: str, box: np.ndarray, size: int) -> np.ndarray:
     poly = _POLYGONS[name]
     if poly is None:
         draw.ellipse([x1, y1, x2 - 1, y2 - 1], fill=255)
+        if name == 'ring':
+            cx, cy, hw, hh = (x1 + x2) / 2, (y1 + y2) / 2, (x2 - x1) / 2, (y2 - y1) / 2
+            draw.ellipse([cx - hw * RING_HOLE, cy - hh * RING_HOLE,
+                          cx + hw * RING_HOLE, cy + hh * RING_HOLE], fill=0)
     else:
         cx, cy, hw, hh = (x1 + x2) / 2, (y1 + y2) / 2, (x2 - x1) / 2, (y2 - y1) / 2
         # PIL fills the pixel under the last coordinate: shrink by half a sub-pixel
@@ -142,7 +166,7 @@ def render_image(rng: np.random.Generator, cfg: GenConfig) -> tuple[np.ndarray, 
     objects: list[dict] = []
     n = int(rng.integers(cfg.min_objects, cfg.max_objects + 1))
     for _ in range(n):
-        cls = int(rng.integers(len(CLASSES)))
+        cls = int(rng.integers(len(cfg.classes)))
         for _try in range(15):
             # log-uniform size: as many tiny as medium objects
             side = float(np.exp(rng.uniform(np.log(cfg.min_size), np.log(cfg.max_size))))
@@ -152,7 +176,7 @@ def render_image(rng: np.random.Generator, cfg: GenConfig) -> tuple[np.ndarray, 
             x1, y1 = rng.uniform(0, size - w), rng.uniform(0, size - h)
             # snap to the 1/SUPERSAMPLE grid the mask is drawn on: box == drawn extent
             box = np.round(np.array([x1, y1, x1 + w, y1 + h]) * SUPERSAMPLE) / SUPERSAMPLE
-            alpha = _alpha_mask(CLASSES[cls], box, size)
+            alpha = _alpha_mask(cfg.classes[cls], box, size)
             cover = alpha > 0.5
             if cover.sum() == 0:
                 continue
@@ -210,7 +234,7 @@ def generate_split(out: str, split: str, num: int, seed: int, cfg: GenConfig,
     coco = dict(info=dict(description='synthetic shapes', version='1.0'),
                 licenses=[], images=images, annotations=annotations,
                 categories=[dict(id=k + 1, name=n, supercategory='shape')
-                            for k, n in enumerate(CLASSES)])
+                            for k, n in enumerate(cfg.classes)])
     ann_file = os.path.join(out, 'annotations', f'{split}.json')
     with open(ann_file, 'w') as f:
         json.dump(coco, f)

@@ -58,18 +58,9 @@ def _state_kept(model: nn.Module, device: torch.device) -> Iterator[None]:
                     buffer.copy_(value)
 
 
-@torch.no_grad()
-def first_non_finite(model: nn.Module, batch_inputs: Tensor,
-                     batch_data_samples: Sequence) -> str:
-    """Names the first non-finite tensor of a detector's forward pass on a batch.
-
-    Looks at the inputs, the ground-truth boxes and the parameters, then
-    runs the backbone, neck, transformer and head once more with a hook on every
-    module and reports the first output that is not finite (a non-finite buffer, such
-    as a BatchNorm statistic, shows as the output of the module that uses it). That
-    pass leaves the model's buffers and the random number generators as it found
-    them.
-    """
+def _first_outside(model: nn.Module, batch_inputs: Tensor,
+                   batch_data_samples: Sequence) -> Optional[str]:
+    """The first non-finite of the inputs, the ground-truth boxes and the parameters."""
     if not torch.isfinite(batch_inputs).all():
         images = [i for i in range(len(batch_inputs))
                   if not torch.isfinite(batch_inputs[i]).all()]
@@ -83,7 +74,27 @@ def first_non_finite(model: nn.Module, batch_inputs: Tensor,
     for name, param in model.named_parameters():
         if not torch.isfinite(param).all():
             return f'the parameter {name}: {_where(param)}'
+    return None
+
+
+@torch.no_grad()
+def first_non_finite(model: nn.Module, batch_inputs: Tensor,
+                     batch_data_samples: Sequence) -> str:
+    """Names the first non-finite tensor of a detector's forward pass on a batch.
+
+    Looks at the inputs, the ground-truth boxes and the parameters, then at every
+    module's output, in the order the forward pass makes them (a non-finite buffer,
+    such as a BatchNorm statistic, shows as the output of the module that uses it).
+
+    The forward pass (backbone, neck, transformer, head) runs whatever the first checks
+    found, so that every process that calls this runs the same collectives in it
+    (SyncBatchNorm's), and leaves the model's buffers and the random number generators
+    as it found them.
+    """
     found: List[str] = []
+    outside = _first_outside(model, batch_inputs, batch_data_samples)
+    if outside:
+        found.append(outside)
 
     def check(name: str):
 
@@ -146,6 +157,9 @@ def check_losses(losses: Dict[str, LossValue], model: nn.Module, batch_inputs: T
     if hub.get_info('epoch') is not None:
         where += f' (epoch {hub.get_info("epoch") + 1})'
     if not bad_total:
+        # The failing processes run a forward pass to name the tensor: so does this one,
+        # or their collectives in it (SyncBatchNorm's) would wait for it forever.
+        first_non_finite(model, batch_inputs, batch_data_samples)
         raise NonFiniteError(f'{where}: another process met non-finite losses')
     terms = [name for name, flag in zip(losses, bad_terms) if flag]
     if terms:

@@ -2,9 +2,9 @@
 
 The demo's model (configs/synthetic, two-stage with box refinement, training BatchNorm)
 on 8 synthetic images of tools/dataset_converters/synthetic_coco.py, batch 2: 4
-iterations an epoch, 2 epochs. ``nan_hooks.PoisonImageHook`` puts a NaN pixel into the
+iterations an epoch, 2 epochs. ``nan_hooks.InjectNaNHook`` puts a NaN pixel into the
 batch's first image at the iterations of ``NAN_AT_ITERS``; ``nan_hooks.RecordStateHook``
-records what every step changed.
+records what every step changed (see tests/test_tools/nan_hooks.py).
 """
 import json
 import os
@@ -20,7 +20,8 @@ import projects.deformable_detr.safe_checkpoint  # noqa: F401  (torch.load of Ru
 HERE = osp.dirname(osp.abspath(__file__))
 DEMO = osp.join(osp.dirname(osp.dirname(HERE)), 'configs', 'synthetic',
                 'deformable-detr-refine-twostage_r18_1xb8-synthetic.py')
-HOOKS = "dict(type='PoisonImageHook'), dict(type='RecordStateHook')"
+HOOKS = ("dict(type='InjectNaNHook'), dict(type='RecordStateHook'), "
+         "dict(type='CollectiveInForwardHook')")
 CONFIG = f'''_base_ = {DEMO!r}
 custom_imports = dict(imports=['projects.deformable_detr', 'nan_hooks'],
                       allow_failed_imports=False)
@@ -147,27 +148,40 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize('mode', ['stop', 'skip'])
-def test_processes_stop_or_skip_together(setup, run_tool, mode):
-    """2 processes (gloo), batch 1 each; the NaN only in rank 1's image at iteration 2."""
-    work_dir = setup['tmp'] / f'dist_{mode}'
-    proc = train(run_tool, setup, setup[dict(stop='nan', skip='skip')[mode]], work_dir,
+def dist_train(run_tool, setup, config, work_dir, **kwargs):
+    """2 processes (gloo), batch 1 each, one epoch (4 iterations); a NaN at iteration 2
+    in rank 1 only. Each forward pass holds a collective, as SyncBatchNorm's."""
+    return train(run_tool, setup, config, work_dir, nan_at=2, launcher=2,
                  options=['train_dataloader.batch_size=1', 'train_cfg.max_epochs=1',
                           'env_cfg.dist_cfg.backend=gloo', 'env_cfg.dist_cfg.timeout=60'],
-                 nan_at=2, launcher=2, check=mode == 'skip',
-                 env=dict(NAN_RANKS='1', PORT=str(free_port())))
-    ranks = [states(work_dir, rank) for rank in (0, 1)]
-    if mode == 'stop':
-        assert proc.returncode != 0
-        assert re.search(ERROR.format(it=2, epoch=1), proc.output), proc.output[-3000:]
-        assert 'NonFiniteError: iteration 2 (epoch 1): another process met non-finite ' \
-            'losses' in proc.output
-        assert [sorted(r) for r in ranks] == [[1], [1]]
-    else:
-        # (the log shows rank 0's warning; it learnt of rank 1's NaN from the all-reduce)
-        assert 'skipped training step (1 so far): iteration 2 (epoch 1): another process ' \
-            'met non-finite losses' in proc.output
-        for records in ranks:
-            assert sorted(records) == [1, 2, 3, 4] and all(r['finite'] for r in records.values())
-            assert (records[2]['params_diff'], records[2]['optim_diff']) == (0, 0)
-            assert records[3]['params_diff'] > 0
+                 env=dict(kwargs.pop('env', {}), NAN_RANKS='1', PORT=str(free_port())),
+                 **kwargs)
+
+
+def test_processes_stop_together_with_their_errors(setup, run_tool):
+    """An overflow inside rank 1's network: both processes stop at that step, rank 1
+    naming the module. Naming it takes a forward pass, with its collective: rank 0 runs
+    one too (else rank 1 would wait on it, and die with a lost connection instead)."""
+    work_dir = setup['tmp'] / 'dist_stop'
+    proc = dist_train(run_tool, setup, setup['nan'], work_dir, env=dict(NAN_IN='neck'),
+                      check=False)
+    assert proc.returncode != 0
+    assert re.search(r'NonFiniteError: iteration 2 \(epoch 1\): non-finite loss terms '
+                     r'loss_cls=nan, .*; the first non-finite tensor: the output of neck '
+                     r'\(ChannelMapper\): ', proc.output), proc.output[-3000:]
+    assert 'NonFiniteError: iteration 2 (epoch 1): another process met non-finite ' \
+        'losses' in proc.output
+    assert [sorted(states(work_dir, rank)) for rank in (0, 1)] == [[1], [1]]
+
+
+def test_processes_skip_together(setup, run_tool):
+    work_dir = setup['tmp'] / 'dist_skip'
+    proc = dist_train(run_tool, setup, setup['skip'], work_dir)
+    # (the log shows rank 0's warning; it learnt of rank 1's NaN from the all-reduce)
+    assert 'skipped training step (1 so far): iteration 2 (epoch 1): another process ' \
+        'met non-finite losses' in proc.output
+    for rank in (0, 1):
+        records = states(work_dir, rank)
+        assert sorted(records) == [1, 2, 3, 4] and all(r['finite'] for r in records.values())
+        assert (records[2]['params_diff'], records[2]['optim_diff']) == (0, 0)
+        assert records[3]['params_diff'] > 0

@@ -186,7 +186,8 @@ class SkipNonFiniteHook(Hook):
     All processes skip the same steps: :func:`check_losses` raises on all of them.
 
     Args:
-        max_skips: Stop anyway after this many skipped steps (None: never).
+        max_skips: Skip at most this many steps; the next non-finite one stops the
+            run (None: no limit).
     """
     priority = 'VERY_HIGH'
 

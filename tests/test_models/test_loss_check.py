@@ -15,18 +15,21 @@ things differ from a GPU run, both because of this machine:
 import copy
 import os
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
 from mmdet.registry import MODELS
 from mmdet.structures import DetDataSample
 from mmengine.config import Config
+from mmengine.logging import MessageHub
 from mmengine.optim import AmpOptimWrapper, OptimWrapper
 from mmengine.registry import init_default_scope
 from mmengine.structures import InstanceData
 
 import projects.deformable_detr.non_finite as non_finite
-from projects.deformable_detr.non_finite import NonFiniteError, check_losses, first_non_finite
+from projects.deformable_detr.non_finite import (NonFiniteError, SkipNonFiniteHook, check_losses,
+                                                 first_non_finite)
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
@@ -197,3 +200,32 @@ def test_fp16_non_finite_loss_stops_before_the_scaler(fp16_amp):
         amp_step(model, wrapper, nan=True)
     assert wrapper.loss_scaler.get_scale() == 2.0**40  # never reached the scaler
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params))
+
+
+class FailingModel(torch.nn.Module):
+    """A BatchNorm whose forward pass (running statistics updated) then fails."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = torch.nn.BatchNorm1d(3)
+
+    def train_step(self, data, optim_wrapper):
+        self.bn(data)
+        raise NonFiniteError('iteration 7: non-finite loss terms loss_cls=nan')
+
+
+def test_skip_hook_undoes_the_step_and_stops_past_max_skips():
+    model = FailingModel().train()
+    model.bn.weight.grad = torch.ones(3)  # accumulated by an earlier step: kept
+    runner = SimpleNamespace(model=model, message_hub=MessageHub.get_instance('skip_test'))
+    hook = SkipNonFiniteHook(max_skips=2)
+    hook.before_train(runner)
+    buffers = [b.clone() for b in model.buffers()]
+    for count in (1, 2):
+        assert model.train_step(torch.randn(4, 3), optim_wrapper=None) == {}
+        assert all(torch.equal(a, b) for a, b in zip(model.buffers(), buffers))
+        assert runner.message_hub.get_scalar('train/non_finite_skips').current() == count
+    with pytest.raises(NonFiniteError, match=r'iteration 7: .* \(and 2 steps were skipped '
+                       r'before: max_skips\)'):
+        model.train_step(torch.randn(4, 3), optim_wrapper=None)
+    assert torch.equal(model.bn.weight.grad, torch.ones(3))

@@ -131,6 +131,13 @@ def test_skip_switch_skips_the_step_and_counts_it(setup, run_tool):
     assert skips[5] is None and skips[7] == skips[8] == 1
     assert ckpt['message_hub']['log_scalars']['train/non_finite_skips'].current() == 1
 
+    # Resumed for a third epoch, with another NaN: the count goes on.
+    resumed = train(run_tool, setup, setup['skip'], work_dir, '--resume',
+                    options=['train_cfg.max_epochs=3'], nan_at=10)
+    assert 'skipped training step (2 so far): iteration 10 (epoch 3)' in resumed.output
+    ckpt = load_finite(work_dir / 'epoch_3.pth')
+    assert {float(s['step']) for s in ckpt['optimizer']['state'].values()} == {10.0}
+
 
 def test_non_finite_loss_under_amp_stops_the_run(setup, run_tool):
     """--amp on the CPU (bfloat16 autocast): a NaN loss still stops the run."""

@@ -1,17 +1,24 @@
 """Non-finite values in training: found, named, and either stopped (default) or skipped.
 
-The detector checks its losses every training step (:func:`check_losses`, one host
-synchronisation, agreed on by every process) and raises :class:`NonFiniteError` with
-the iteration, the loss terms that are not finite and the first non-finite tensor
-(:func:`first_non_finite`: inputs, ground truth, parameters, then every module's output
-in the order the forward pass runs). The Hungarian matcher never hands such values to
-scipy: an unmatchable image makes its losses NaN, which this check then reports.
+The detector checks its losses every training step, before any backward pass or
+optimizer update (:func:`check_losses`: one host synchronisation for all loss terms,
+agreed on by every process), and raises :class:`NonFiniteError` with the iteration, the
+loss terms that are not finite and the first non-finite tensor (:func:`first_non_finite`:
+inputs, ground truth, parameters, then every module's output in the order
+the forward pass runs). The Hungarian matcher never hands such values to scipy: an
+unmatchable image makes its losses NaN, which this check then reports.
 
 :class:`SkipNonFiniteHook`, added to a config's ``custom_hooks``, turns the error into a
-skipped step (no backward, no optimizer update) and counts the skips in the log.
+skipped step (no backward, no optimizer update, the BatchNorm statistics of the failed
+forward pass undone) and counts the skips in the log.
+
+Mixed precision: the check looks at the losses, before they are scaled; AMP's loss
+scaler looks at the gradients. An fp16 gradient overflow (finite losses) is therefore
+still skipped by the scaler, and a non-finite loss is never the scaler's business.
 """
 import logging
-from typing import Dict, List, Optional, Sequence
+from contextlib import contextmanager
+from typing import Dict, Iterator, List, Optional, Sequence, Union
 
 import torch
 from mmengine.dist import all_reduce
@@ -20,6 +27,9 @@ from mmengine.logging import MessageHub, print_log
 from torch import Tensor, nn
 
 from .registry import HOOKS
+
+LossValue = Union[Tensor, Sequence[Tensor]]
+SKIPS_KEY = 'train/non_finite_skips'  # the message hub's count of skipped steps
 
 
 class NonFiniteError(FloatingPointError):
@@ -33,15 +43,24 @@ def _where(tensor: Tensor) -> str:
            f'{tensor.numel()} values'
 
 
-@torch.no_grad()
-def first_non_finite(model: nn.Module, batch_inputs: Tensor,
-                     batch_data_samples: Sequence) -> str:
-    """Names the first non-finite tensor of a detector's forward pass on a batch.
+@contextmanager
+def _state_kept(model: nn.Module, device: torch.device) -> Iterator[None]:
+    """Undoes what a forward pass changes besides its outputs: the buffers (BatchNorm's
+    running statistics) and the random number generators (dropout)."""
+    buffers = list(model.buffers())
+    saved = [b.clone() for b in buffers]
+    with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for buffer, value in zip(buffers, saved):
+                    buffer.copy_(value)
 
-    Looks at the inputs, the ground-truth boxes and the parameters, then runs the
-    backbone, neck, transformer and head once more with a hook on every module and
-    reports the first output that is not finite.
-    """
+
+def _first_outside(model: nn.Module, batch_inputs: Tensor,
+                   batch_data_samples: Sequence) -> Optional[str]:
+    """The first non-finite of the inputs, the ground-truth boxes and the parameters."""
     if not torch.isfinite(batch_inputs).all():
         images = [i for i in range(len(batch_inputs))
                   if not torch.isfinite(batch_inputs[i]).all()]
@@ -55,7 +74,27 @@ def first_non_finite(model: nn.Module, batch_inputs: Tensor,
     for name, param in model.named_parameters():
         if not torch.isfinite(param).all():
             return f'the parameter {name}: {_where(param)}'
+    return None
+
+
+@torch.no_grad()
+def first_non_finite(model: nn.Module, batch_inputs: Tensor,
+                     batch_data_samples: Sequence) -> str:
+    """Names the first non-finite tensor of a detector's forward pass on a batch.
+
+    Looks at the inputs, the ground-truth boxes and the parameters, then at every
+    module's output, in the order the forward pass makes them (a non-finite buffer,
+    such as a BatchNorm statistic, shows as the output of the module that uses it).
+
+    The forward pass (backbone, neck, transformer, head) runs whatever the first checks
+    found, so that every process that calls this runs the same collectives in it
+    (SyncBatchNorm's), and leaves the model's buffers and the random number generators
+    as it found them.
+    """
     found: List[str] = []
+    outside = _first_outside(model, batch_inputs, batch_data_samples)
+    if outside:
+        found.append(outside)
 
     def check(name: str):
 
@@ -71,8 +110,10 @@ def first_non_finite(model: nn.Module, batch_inputs: Tensor,
     handles = [module.register_forward_hook(check(name))
                for name, module in model.named_modules() if name]
     try:
-        outs = model.forward_transformer(model.extract_feat(batch_inputs), batch_data_samples)
-        model.bbox_head(outs['hidden_states'], outs['references'])
+        with _state_kept(model, batch_inputs.device):
+            outs = model.forward_transformer(model.extract_feat(batch_inputs),
+                                             batch_data_samples)
+            model.bbox_head(outs['hidden_states'], outs['references'])
     finally:
         for handle in handles:
             handle.remove()
@@ -80,29 +121,55 @@ def first_non_finite(model: nn.Module, batch_inputs: Tensor,
         'the loss computation itself made it'
 
 
-def check_losses(losses: Dict[str, Tensor], model: nn.Module, batch_inputs: Tensor,
-                 batch_data_samples: Sequence) -> None:
-    """Raises :class:`NonFiniteError` if any loss term of any process is not finite.
+def _mean(value: LossValue) -> Tensor:
+    """A loss term as MMEngine's ``parse_losses`` adds it to the total."""
+    if isinstance(value, Tensor):
+        return value.detach().float().mean()
+    return sum(v.detach().float().mean() for v in value)
 
-    Every process learns whether any of them failed (an all-reduce of one flag), so
-    that all of them stop, or all skip the step, together.
+
+def check_losses(losses: Dict[str, LossValue], model: nn.Module, batch_inputs: Tensor,
+                 batch_data_samples: Sequence) -> None:
+    """Raises :class:`NonFiniteError` if a loss of any process is not finite.
+
+    Checked: every term, and their sum (finite terms can still overflow it). All flags
+    reach the host in one copy, the step's one synchronisation besides the matcher's;
+    before that, one all-reduce tells every process whether any of them failed, so that
+    all of them stop, or all skip the step, together.
+
+    Raises:
+        NonFiniteError: naming the iteration (and epoch), the non-finite terms with
+            their values and the first non-finite tensor of this process's forward pass;
+            on a process whose own losses are finite, the fact that another failed.
     """
-    terms = [name for name, value in losses.items() if not torch.isfinite(value).all()]
-    failed = torch.tensor(float(bool(terms)), device=batch_inputs.device)
-    all_reduce(failed, op='max')  # a no-op outside distributed training
-    if not failed.item():
+    if not losses:
+        return
+    means = torch.stack([_mean(value) for value in losses.values()])
+    bad = torch.cat([~torch.isfinite(means), ~torch.isfinite(means.sum())[None]]).float()
+    anywhere = bad[-1:].clone()  # the sum is non-finite if any term is
+    all_reduce(anywhere, op='max')  # a no-op outside distributed training
+    *bad_terms, bad_total, failed = torch.cat([bad, anywhere]).tolist()  # the one sync
+    if not failed:
         return
     hub = MessageHub.get_current_instance()
     step = hub.get_info('iter')
     where = f'iteration {step + 1}' if step is not None else 'a training step'
     if hub.get_info('epoch') is not None:
         where += f' (epoch {hub.get_info("epoch") + 1})'
-    if not terms:
+    if not bad_total:
+        # The failing processes run a forward pass to name the tensor: so does this one,
+        # or their collectives in it (SyncBatchNorm's) would wait for it forever.
+        first_non_finite(model, batch_inputs, batch_data_samples)
         raise NonFiniteError(f'{where}: another process met non-finite losses')
-    values = ', '.join(f'{name}={losses[name].item():g}' for name in terms)
+    terms = [name for name, flag in zip(losses, bad_terms) if flag]
+    if terms:
+        what = 'non-finite loss terms ' + ', '.join(
+            f'{name}={value:g}' for name, value in zip(losses, means.tolist())
+            if name in terms)
+    else:
+        what = f'the sum of the finite loss terms overflows to {means.sum().item():g}'
     first = first_non_finite(model, batch_inputs, batch_data_samples)
-    raise NonFiniteError(f'{where}: non-finite loss terms {values}; the first non-finite '
-                         f'tensor: {first}')
+    raise NonFiniteError(f'{where}: {what}; the first non-finite tensor: {first}')
 
 
 @HOOKS.register_module()
@@ -110,11 +177,17 @@ class SkipNonFiniteHook(Hook):
     """Skips training steps with non-finite losses instead of stopping the run.
 
     The step does no backward pass and no optimizer update (AMP's loss scaler is left
-    alone too); its error is logged as a warning with the count of skipped steps, and
-    the count again at the end of every epoch.
+    alone too, and gradients accumulated by earlier steps are kept), and the buffers
+    that its forward pass changed (BatchNorm's running statistics, which a NaN image
+    poisons) get their values back. Its error is logged as a warning with the count of
+    skipped steps; the count is also the ``non_finite_skips`` value of the log lines
+    from the first skip on, and is carried over by ``--resume``.
+
+    All processes skip the same steps: :func:`check_losses` raises on all of them.
 
     Args:
-        max_skips: Stop anyway after this many skipped steps (None: never).
+        max_skips: Skip at most this many steps; the next non-finite one stops the
+            run (None: no limit).
     """
     priority = 'VERY_HIGH'
 
@@ -123,22 +196,33 @@ class SkipNonFiniteHook(Hook):
         self.skipped = 0
 
     def before_train(self, runner) -> None:
-        train_step = runner.model.train_step
+        hub = runner.message_hub
+        if SKIPS_KEY in hub.log_scalars:  # resumed: the checkpoint's count
+            self.skipped = int(hub.log_scalars[SKIPS_KEY].current())
+        model = runner.model
+        train_step = model.train_step
+        buffers = list(model.buffers())
+        saved = [torch.empty_like(b) for b in buffers]
 
         def guarded(data, optim_wrapper):
+            if buffers:
+                torch._foreach_copy_(saved, buffers)  # one fused copy, no host sync
             try:
                 return train_step(data, optim_wrapper=optim_wrapper)
             except NonFiniteError as err:
+                if buffers:
+                    with torch.no_grad():
+                        torch._foreach_copy_(buffers, saved)
                 self.skipped += 1
+                hub.update_scalar(SKIPS_KEY, self.skipped)
                 if self.max_skips is not None and self.skipped > self.max_skips:
                     raise NonFiniteError(f'{err} (and {self.max_skips} steps were skipped '
                                          'before: max_skips)') from err
-                optim_wrapper.zero_grad()
                 print_log(f'skipped training step ({self.skipped} so far): {err}',
                           logger='current', level=logging.WARNING)
                 return {}
 
-        runner.model.train_step = guarded
+        model.train_step = guarded
 
     def after_train_epoch(self, runner) -> None:
         if self.skipped:

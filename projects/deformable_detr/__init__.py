@@ -4,10 +4,11 @@ It also allow-lists the types of MMEngine checkpoints for torch's weights-only l
 (:mod:`.safe_checkpoint`), so that configs' ``custom_imports`` suffice for
 ``init_detector`` / ``load_from`` on checkpoints our Runner saved, and registers
 ``CPUAmpOptimWrapper`` (:mod:`.engine`), so that the config a ``--amp`` run saved builds,
-the checked ``ddetr.CocoDataset`` / ``ddetr.CocoMetric`` (:mod:`.datasets`) and
-``ddetr.SkipNonFiniteHook`` (:mod:`.non_finite`).
+the checked ``ddetr.CocoDataset`` / ``ddetr.CocoMetric`` (:mod:`.datasets`),
+``ddetr.SkipNonFiniteHook`` (:mod:`.non_finite`) and ``ddetr.CheckpointHook`` (exact,
+crash-safe resume, :mod:`.resume`).
 """
-from . import datasets, engine, non_finite, safe_checkpoint  # noqa: F401
+from . import datasets, engine, non_finite, resume, safe_checkpoint  # noqa: F401
 from .criterion import SetCriterion
 from .deformable_detr import DeformableDETR
 from .deformable_detr_head import DeformableDETRHead

@@ -17,8 +17,8 @@ from mmengine.runner import Runner  # noqa: E402
 
 # safe_checkpoint: MMEngine checkpoints load under torch>=2.6 (--resume)
 import projects.deformable_detr.safe_checkpoint  # noqa: E402,F401
-from projects.deformable_detr.engine import (close_distributed, setup_amp,  # noqa: E402
-                                             setup_cpu_distributed)
+from projects.deformable_detr.engine import (close_distributed, run_main,  # noqa: E402
+                                             setup_amp, setup_cpu_distributed)
 from projects.deformable_detr.resume import use_exact_resume  # noqa: E402
 
 
@@ -79,4 +79,4 @@ def main() -> None:
 
 
 if __name__ == '__main__':
-    main()
+    run_main(main)  # a failing process of a distributed job ends the job

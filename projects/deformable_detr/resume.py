@@ -221,9 +221,10 @@ class CheckpointHook(MMEngineCheckpointHook):
         saved = self._resumed or {}
         states, position = saved.get('rng_states'), saved.get('data_position')
         if saved.get('iter') != runner.iter or states is None or position is None:
-            _warn('resume is not exact: the checkpoint holds no RNG states (it was not '
-                  'saved by ddetr.CheckpointHook); dropout and random augmentations will '
-                  'draw other numbers than the interrupted run would have')
+            _warn('resume is not exact: the checkpoint holds no RNG states (saved by '
+                  'another hook than ddetr.CheckpointHook, or a best_* checkpoint); '
+                  'dropout and random augmentations will draw other numbers than the '
+                  'interrupted run would have')
             return
         if len(states) != get_world_size():
             _warn(f'resume is not exact: the checkpoint holds the RNG states of '

@@ -18,10 +18,10 @@ uninterrupted one. This hook closes the gap:
 - **Validation draws nothing.** Validation inside training runs between a checkpoint
   and the next training batch, but a resumed run does not repeat it; so the states are
   put back after each validation as they were before it.
-- **Data-loader workers, epoch by epoch.** Workers are seeded at the start of every
-  epoch from ``(seed, rank, worker id, epoch)`` (MMEngine seeds them from ``(seed,
-  rank, worker id)`` once per start). Persistent workers are restarted at each epoch
-  of an epoch-based loop so that they are seeded this way too; within an epoch their
+- **Data-loader workers, epoch by epoch.** In an epoch-based loop, workers are seeded
+  at the start of every epoch from ``(seed, rank, worker id, epoch)`` (MMEngine seeds
+  them from ``(seed, rank, worker id)`` at each start), and persistent workers are
+  restarted at each epoch so that they are seeded so too; within an epoch their
   states follow from the batches they have made, which the replay reproduces. An
   iteration-based loop replays the whole run's batches on resume, so its workers
   (persistent or not) keep MMEngine's seeding.

@@ -131,10 +131,13 @@ def load_local_checkpoint(filename: str, map_location: Any = None) -> Any:
 
     Raises:
         FileNotFoundError: no such file.
+        IsADirectoryError: a directory.
         CheckpointError: the file is empty, cut short, damaged or not a checkpoint.
         pickle.UnpicklingError: the file holds types outside the allow-list.
     """
     filename = osp.expanduser(filename)
+    if osp.isdir(filename):
+        raise IsADirectoryError(f'{filename} is a directory, not a checkpoint file')
     if not osp.isfile(filename):
         raise FileNotFoundError(f'{filename} can not be found.')
     try:

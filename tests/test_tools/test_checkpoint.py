@@ -167,6 +167,8 @@ def test_broken_files_get_one_error_naming_them(tmp_path, baseline_run):
     assert CheckpointLoader.load_checkpoint(osp.join(baseline_run, 'iter_2.pth'))
     with pytest.raises(FileNotFoundError, match='nothing.pth'):
         CheckpointLoader.load_checkpoint(str(tmp_path / 'nothing.pth'))
+    with pytest.raises(IsADirectoryError, match=f'{tmp_path} is a directory'):
+        CheckpointLoader.load_checkpoint(str(tmp_path))
 
 
 def _assert_one_error(proc, path: str) -> None:

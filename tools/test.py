@@ -19,7 +19,8 @@ from mmengine.runner import Runner  # noqa: E402
 
 # safe_checkpoint: MMEngine checkpoints load under torch>=2.6
 import projects.deformable_detr.safe_checkpoint  # noqa: E402,F401
-from projects.deformable_detr.engine import close_distributed, setup_cpu_distributed  # noqa: E402
+from projects.deformable_detr.engine import (close_distributed, run_main,  # noqa: E402
+                                             setup_cpu_distributed)
 
 
 def parse_args() -> argparse.Namespace:
@@ -111,4 +112,4 @@ def main() -> None:
 
 
 if __name__ == '__main__':
-    main()
+    run_main(main)  # a failing process of a distributed job ends the job

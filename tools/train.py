@@ -17,8 +17,9 @@ from mmengine.runner import Runner  # noqa: E402
 
 # safe_checkpoint: MMEngine checkpoints load under torch>=2.6 (--resume)
 import projects.deformable_detr.safe_checkpoint  # noqa: E402,F401
-from projects.deformable_detr.engine import (close_distributed, setup_amp,  # noqa: E402
-                                             setup_cpu_distributed)
+from projects.deformable_detr.engine import (close_distributed, run_main,  # noqa: E402
+                                             setup_amp, setup_cpu_distributed)
+from projects.deformable_detr.resume import use_exact_resume  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -69,6 +70,7 @@ def main() -> None:
         cfg.resume, cfg.load_from = True, None
     elif args.resume is not None:
         cfg.resume, cfg.load_from = True, args.resume
+    use_exact_resume(cfg)  # MMEngine's CheckpointHook -> ddetr.CheckpointHook
     setup_cpu_distributed(cfg)
 
     runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
@@ -77,4 +79,4 @@ def main() -> None:
 
 
 if __name__ == '__main__':
-    main()
+    run_main(main)  # a failing process of a distributed job ends the job

@@ -3,16 +3,21 @@
 - :class:`CPUAmpOptimWrapper`: ``--amp`` on a machine without an accelerator;
 - :func:`setup_amp`: picks the mixed-precision optimizer wrapper for ``--amp``;
 - :func:`setup_cpu_distributed`: ``--launcher pytorch`` without CUDA (gloo);
-- :func:`close_distributed`: tears the process group down before the process exits.
+- :func:`close_distributed`: tears the process group down before the process exits;
+- :func:`run_main`: runs a tool's ``main`` so that a failing process ends the whole job.
 """
 import datetime
 import logging
+import os
+import sys
+from typing import Callable
 
 import torch
 from mmengine.config import Config
 from mmengine.logging import print_log
 from mmengine.optim import AmpOptimWrapper, OptimWrapper
 from mmengine.registry import OPTIM_WRAPPERS
+from torch.distributed.elastic.multiprocessing.errors import record
 
 
 # In MMEngine's root registry, as MMEngine's own wrappers: found from every scope.
@@ -102,3 +107,34 @@ def close_distributed() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+
+
+def run_main(main: Callable[[], None]) -> None:
+    """Runs a tool's ``main``; in a distributed job, a process that fails ends the job.
+
+    The other processes of a job wait in their next collective for the failed one; they
+    are stopped by torchrun only once the failed process has exited. Left to the
+    interpreter's shutdown, that exit can hang (the process group's teardown, a
+    non-daemon thread), and the job with it, until the collectives time out (30
+    minutes). So a process of an initialised process group that raises prints its rank
+    and the error and exits at once, with status 1. Under torchrun the exception also
+    goes to the process's error file (torch's ``record``), so that torchrun's summary
+    names the rank with the exception and its traceback.
+
+    Args:
+        main: The tool's ``main`` function.
+    """
+    try:
+        record(main)()
+    except BaseException as err:
+        if isinstance(err, SystemExit) and not err.code:
+            raise
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            raise
+        rank = torch.distributed.get_rank()
+        sys.excepthook(type(err), err, err.__traceback__)  # torch's: lines '[rankN]: ...'
+        print(f'rank {rank} failed: {type(err).__name__}: {err}; exiting now so that the '
+              'launcher stops the other processes', file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)

@@ -21,14 +21,28 @@ bound to a function that resolves methods of ``HistoryBuffer`` and nothing else.
 an ``UnpicklingError`` that names the objects and says what to do. The module calls it
 on import, so importing ``projects.deformable_detr`` is enough; calling it again is
 harmless.
+
+A file that is no checkpoint at all (truncated by a crash, empty, a text or an image)
+is refused with one :class:`CheckpointError` that names it, for ``--resume``,
+``load_from``, ``tools/test.py`` and the converters alike.
+
+Writing: :func:`atomic_write` writes a file so that a process killed at any moment
+leaves either the old file or the complete new one; MMEngine's file backend
+``ATOMIC_BACKEND`` (``'ddetr_atomic_local'``) writes local files with it, and
+``ddetr.CheckpointHook`` (:mod:`.resume`) saves checkpoints through it.
 """
 import argparse
+import glob
+import os
 import os.path as osp
 import pickle
-from typing import Any, Callable, List, Tuple, Union
+import zipfile
+from pathlib import Path
+from typing import Any, Callable, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
+from mmengine.fileio import LocalBackend, register_backend
 from mmengine.logging import HistoryBuffer
 from mmengine.runner.checkpoint import CheckpointLoader
 
@@ -66,8 +80,45 @@ def safe_globals() -> List[Union[Callable, Tuple[Callable, str]]]:
     return entries
 
 
+# torch < 1.6 saved checkpoints as pickles that start with this magic number.
+_LEGACY_MAGIC = pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2)
+
+
+class CheckpointError(RuntimeError):
+    """A file that is not a readable checkpoint: empty, cut short, damaged, or not one."""
+
+
+def checkpoint_problem(filename: str) -> Optional[str]:
+    """Why a file is not a checkpoint that ``torch.load`` can read, or None if it looks
+    like one (a complete zip archive with a ``data.pkl``, or a torch < 1.6 pickle)."""
+    size = osp.getsize(filename)
+    if size == 0:
+        return 'the file is empty'
+    with open(filename, 'rb') as f:
+        head = f.read(len(_LEGACY_MAGIC))
+    if zipfile.is_zipfile(filename):
+        try:
+            with zipfile.ZipFile(filename) as archive:
+                names, damaged = archive.namelist(), archive.testzip()
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
+            return f'a damaged zip archive ({err})'
+        if damaged is not None:
+            return f'a damaged zip archive: its member {damaged} fails its CRC check'
+        if not any(name.rsplit('/', 1)[-1] == 'data.pkl' for name in names):
+            return 'a zip archive, but not one that torch.save wrote (it has no data.pkl)'
+        return None
+    if head.startswith(b'PK\x03\x04'):
+        return (f'a zip archive cut short ({size} bytes, and no end of central directory): '
+                'a save or copy that did not finish')
+    if head == _LEGACY_MAGIC:  # what torch < 1.6 saved: torch's messages are clear
+        return None
+    if head.startswith(b'\x80'):
+        return 'a pickle file, but not one that torch.save wrote'
+    return f'not a torch checkpoint: it starts with the bytes {head[:4]!r}'
+
+
 def load_local_checkpoint(filename: str, map_location: Any = None) -> Any:
-    """MMEngine's local-file loader, with a refusal that says what to do.
+    """MMEngine's local-file loader, with errors that name the file and say what to do.
 
     The checkpoint converters load their input with it too.
 
@@ -80,17 +131,29 @@ def load_local_checkpoint(filename: str, map_location: Any = None) -> Any:
 
     Raises:
         FileNotFoundError: no such file.
+        IsADirectoryError: a directory.
+        CheckpointError: the file is empty, cut short, damaged or not a checkpoint.
         pickle.UnpicklingError: the file holds types outside the allow-list.
     """
     filename = osp.expanduser(filename)
+    if osp.isdir(filename):
+        raise IsADirectoryError(f'{filename} is a directory, not a checkpoint file')
     if not osp.isfile(filename):
         raise FileNotFoundError(f'{filename} can not be found.')
     try:
         return torch.load(filename, map_location=map_location)
-    except pickle.UnpicklingError as err:
+    except Exception as err:
+        problem = checkpoint_problem(filename)
+        if problem is not None:
+            # One error, not torch's and pickle's chained under it.
+            raise CheckpointError(
+                f'{filename} is not a readable checkpoint: {problem}. Use a complete '
+                'checkpoint (a run\'s previous one, or download it again).') from None
+        if not isinstance(err, pickle.UnpicklingError):
+            raise
         try:
             unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(filename)
-        except Exception:  # not a zip checkpoint: leave it to torch's message
+        except Exception:  # a legacy (non-zip) checkpoint: leave it to torch's message
             unsafe = []
         listed = f' It holds {", ".join(sorted(unsafe))}.' if unsafe else ''
         raise pickle.UnpicklingError(
@@ -104,14 +167,95 @@ def load_local_checkpoint(filename: str, map_location: Any = None) -> Any:
             f'torch says: {err}') from err
 
 
+ATOMIC_BACKEND = 'ddetr_atomic_local'
+_PARTIAL = '.partial-'  # .NAME.partial-PID: a file being written by process PID
+
+
+def atomic_write(path: Union[str, Path], data: bytes) -> None:
+    """Writes ``data`` to ``path`` so that a crash at any moment leaves either the
+    previous file or the complete new one.
+
+    The bytes go to ``.NAME.partial-PID`` in the same directory, are synced to disk,
+    and the file is renamed over ``path`` (atomic on POSIX and Windows); then the
+    directory is synced, so that the rename survives a power loss too.
+
+    Args:
+        path: The file to write.
+        data: Its new contents.
+    """
+    path = osp.abspath(str(path))
+    folder = osp.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    partial = osp.join(folder, f'.{osp.basename(path)}{_PARTIAL}{os.getpid()}')
+    try:
+        with open(partial, 'wb') as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(partial, path)
+    except BaseException:
+        if osp.exists(partial):
+            os.remove(partial)
+        raise
+    try:
+        folder_fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # a directory can not be opened on Windows
+        return
+    try:
+        os.fsync(folder_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(folder_fd)
+
+
+def remove_stale_partial_files(folder: str) -> List[str]:
+    """Removes the partial files that killed processes left in ``folder``.
+
+    Returns:
+        The paths removed (those whose writing process no longer runs).
+    """
+    removed = []
+    for path in glob.glob(osp.join(glob.escape(folder), f'.*{_PARTIAL}*')):
+        pid = path.rsplit(_PARTIAL, 1)[1]
+        if pid.isdigit() and not _running(int(pid)):
+            os.remove(path)
+            removed.append(path)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # it runs, as another user's
+        return True
+    return True
+
+
+class AtomicLocalBackend(LocalBackend):
+    """MMEngine's local file backend, writing with :func:`atomic_write`."""
+
+    def put(self, obj: bytes, filepath: Union[str, Path]) -> None:
+        atomic_write(filepath, obj)
+
+    def put_text(self, obj: str, filepath: Union[str, Path], encoding: str = 'utf-8') -> None:
+        atomic_write(filepath, obj.encode(encoding))
+
+
 def allow_mmengine_checkpoints() -> None:
-    """Allow-lists the types of our checkpoints and installs the local loader.
+    """Allow-lists the types of our checkpoints, installs the local loader and registers
+    the atomic file backend.
 
     Idempotent: torch keeps the allow-list in a set, and the loader replaces
     MMEngine's ``''`` (local path) scheme by the same function each time.
     """
     torch.serialization.add_safe_globals(safe_globals())
     CheckpointLoader.register_scheme(prefixes='', loader=load_local_checkpoint, force=True)
+    register_backend(ATOMIC_BACKEND, AtomicLocalBackend, force=True)
 
 
 allow_mmengine_checkpoints()

@@ -14,12 +14,16 @@ import functools
 import json
 import os
 import os.path as osp
-from typing import Callable, Dict
+import subprocess
+import sys
+from typing import Callable, Dict, Optional
 
 import numpy as np
 import pytest
 
 pytest.importorskip('mmdet')
+
+ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 # mmdet's own Deformable DETR (scope mmdet), 2 classes, 64 px images, d=32, one encoder
 # and one decoder layer, no dropout, frozen BN: deterministic on the CPU, and 2 processes
@@ -130,17 +134,61 @@ model = dict(
 
 # RecordHook: one json line per training iteration and rank (losses, gradient norm,
 # image ids, the dtype of the first Linear's output) in WORK_DIR/record_rank{R}.jsonl;
-# with KILL_AT_ITER=N in the environment it SIGKILLs its own process after iteration N.
+# with KILL_AT_ITER=N in the environment it SIGKILLs its own process after iteration N;
+# with RAISE_AT_ITER=N (and RAISE_RANK=R, default 0) rank R raises before iteration N,
+# and with RAISE_STUCK=1 also starts a non-daemon thread that keeps its interpreter up;
+# with STALL_SAVE_AT=N the checkpoint of iteration N stalls half written: the process
+# writes half its bytes, creates WORK_DIR/stalled and sleeps (for the test to kill it).
 HOOKS_MODULE = '''
-import json, os, os.path as osp, signal
+import builtins, json, os, os.path as osp, signal, threading, time
 import torch
 from mmengine.dist import get_rank
 from mmengine.hooks import Hook
 from mmdet.registry import HOOKS
 
 
+class _HalfWriter:
+    def __init__(self, f, marker):
+        self.f, self.marker = f, marker
+
+    def write(self, data):
+        self.f.write(data[:len(data) // 2])
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        open(self.marker, 'w').close()
+        time.sleep(600)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+
 @HOOKS.register_module()
 class RecordHook(Hook):
+    def before_train_iter(self, runner, batch_idx, data_batch=None):
+        if (int(os.environ.get('RAISE_AT_ITER', -1)) == runner.iter + 1
+                and int(os.environ.get('RAISE_RANK', 0)) == get_rank()):
+            if os.environ.get('RAISE_STUCK'):  # a thread that would hold the exit up
+                threading.Thread(target=time.sleep, args=(3600,), daemon=False).start()
+            raise RuntimeError(f'injected failure on rank {get_rank()} at iteration '
+                               f'{runner.iter + 1}')
+
+    def before_save_checkpoint(self, runner, checkpoint):
+        if int(os.environ.get('STALL_SAVE_AT', -1)) != checkpoint['meta']['iter'] or \\
+                'optimizer' not in checkpoint:  # not a best checkpoint
+            return
+        marker, real_open = osp.join(runner.work_dir, 'stalled'), builtins.open
+
+        def stalling_open(file, mode='r', *args, **kwargs):
+            f = real_open(file, mode, *args, **kwargs)
+            return _HalfWriter(f, marker) if 'w' in mode and 'b' in mode else f
+        builtins.open = stalling_open
+
     def before_train(self, runner):
         self.dtype = None
         model = getattr(runner.model, 'module', runner.model)
@@ -226,6 +274,39 @@ def tiny_setup(tmp_path_factory) -> Dict[str, str]:
 def run_tool(run_tool, tiny_setup) -> Callable:
     """The root ``run_tool``, with the tiny configs' hook module importable."""
     return functools.partial(run_tool, pythonpath=[tiny_setup['tmp']])
+
+
+@pytest.fixture(scope='session')
+def start_tool(tiny_setup) -> Callable[..., subprocess.Popen]:
+    """Starts a tool's command line as ``run_tool`` runs it, without waiting for it.
+
+    The process leads its own process group (``os.killpg`` reaches its children too);
+    its output goes to ``WORK/tool_output.txt`` files named by the caller's ``log``.
+    """
+
+    def start(args, log: str, env: Optional[Dict[str, str]] = None) -> subprocess.Popen:
+        full_env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1',
+                        PYTHONFAULTHANDLER='1',
+                        PYTHONPATH=os.pathsep.join([tiny_setup['tmp'], ROOT,
+                                                    os.environ.get('PYTHONPATH', '')]))
+        full_env.setdefault('PYTHON', sys.executable)
+        full_env.update(env or {})
+        cmd = ['nice', '-n', '5'] + ([sys.executable] if args[0].endswith('.py') else []) \
+            + list(args)
+        with open(log, 'w') as out:
+            return subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=out,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+    return start
+
+
+@pytest.fixture(scope='session')
+def synthetic_set(tmp_path_factory, run_tool) -> str:
+    """A tiny synthetic shapes set (8 train and 2 val images of 128 px), made by
+    tools/dataset_converters/synthetic_coco.py; the demo config's ``data_root``."""
+    out = str(tmp_path_factory.mktemp('synthetic_set'))
+    run_tool(['tools/dataset_converters/synthetic_coco.py', '--out', out,
+              '--num-train', '8', '--num-val', '2', '--seed', '0'])
+    return out + '/'
 
 
 @pytest.fixture(scope='session')

@@ -1,12 +1,17 @@
 """tools/dist_train.sh / dist_test.sh on 2 CPU processes (gloo).
 
-2 processes x batch 1 train as 1 process x batch 2.
+2 processes x batch 1 train as 1 process x batch 2; a process that fails ends the job.
 """
+import os
 import os.path as osp
 import pickle
+import signal
 import socket
+import subprocess
+import time
 
 import numpy as np
+import pytest
 
 
 def free_port() -> int:
@@ -51,3 +56,34 @@ def test_dist_test_collects_all_predictions(tmp_path, tiny_setup, baseline_run, 
     with open(out, 'rb') as f:
         results = pickle.load(f)
     assert sorted(r['img_id'] for r in results) == list(range(1, 9))  # both ranks' halves
+
+
+def test_a_failing_rank_ends_the_job_soon(tmp_path, tiny_setup, start_tool):
+    """Rank 1 raises before iteration 3 while rank 0 goes on into the step's collectives.
+    It also leaves a non-daemon thread running, as a stuck teardown would: left to the
+    interpreter's exit it would hold the job until the 30-minute collective timeout."""
+    log = tmp_path / 'dist.log'
+    start = time.monotonic()
+    proc = start_tool(['bash', 'tools/dist_train.sh', tiny_setup['config'], '2', '--work-dir',
+                       str(tmp_path / 'dist'), '--cfg-options', 'train_dataloader.batch_size=1',
+                       'train_cfg.max_iters=6', 'env_cfg.dist_cfg.backend=gloo',
+                       'train_cfg.val_interval=100'], log=str(log),
+                      env=dict(PORT=str(free_port()), RAISE_AT_ITER='3', RAISE_RANK='1',
+                               RAISE_STUCK='1'))
+    try:
+        proc.wait(timeout=150)  # startup included; the failure itself ends it in seconds
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        pytest.fail(f'the job still ran {time.monotonic() - start:.0f} s after starting: '
+                    + log.read_text()[-3000:])
+    out = log.read_text()
+    assert proc.returncode != 0
+    assert '[rank1]: RuntimeError: injected failure on rank 1 at iteration 3' in out, out[-3000:]
+    assert 'rank 1 failed: RuntimeError: injected failure' in out
+    # torchrun's summary: the root cause is rank 1, with the exception (torch's record)
+    summary = out[out.index('Root Cause'):]
+    assert 'rank      : 1 (local_rank: 1)' in summary
+    assert 'RuntimeError: injected failure on rank 1 at iteration 3' in summary
+    with pytest.raises(ProcessLookupError):  # no process of the job is left
+        os.killpg(proc.pid, 0)

@@ -7,7 +7,9 @@ default_hooks = dict(
     timer=dict(type='IterTimerHook'),
     logger=dict(type='LoggerHook', interval=50),
     param_scheduler=dict(type='ParamSchedulerHook'),
-    checkpoint=dict(type='CheckpointHook', interval=1),
+    # MMEngine's CheckpointHook, plus the RNG states of every process in each checkpoint
+    # (exact resume) and atomic files (crash-safe): see projects/deformable_detr/resume.py
+    checkpoint=dict(type='ddetr.CheckpointHook', interval=1),
     sampler_seed=dict(type='DistSamplerSeedHook'),
     visualization=dict(type='DetVisualizationHook'))
 

@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 from mmengine.config import Config
-from mmengine.logging import print_log
+from mmengine.logging import MMLogger, print_log
 from mmengine.optim import AmpOptimWrapper, OptimWrapper
 from mmengine.registry import OPTIM_WRAPPERS
 from torch.distributed.elastic.multiprocessing.errors import record
@@ -109,6 +109,23 @@ def close_distributed() -> None:
         torch.distributed.destroy_process_group()
 
 
+def _log_to_files(err: BaseException) -> None:
+    """Writes an error that ends a run, with its traceback, to the run's log files.
+
+    The terminal gets Python's own report; on a cluster the work dir's log is often all
+    that is kept, and it would otherwise end without saying why.
+    """
+    logger = MMLogger.get_current_instance()
+    files = [h for h in logger.handlers if isinstance(h, logging.FileHandler)]
+    if not files:
+        return
+    record = logger.makeRecord(logger.name, logging.ERROR, __file__, 0,
+                               f'the run failed: {type(err).__name__}: {err}', None,
+                               (type(err), err, err.__traceback__))
+    for handler in files:
+        handler.handle(record)
+
+
 def run_main(main: Callable[[], None]) -> None:
     """Runs a tool's ``main``; in a distributed job, a process that fails ends the job.
 
@@ -129,6 +146,7 @@ def run_main(main: Callable[[], None]) -> None:
     except BaseException as err:
         if isinstance(err, SystemExit) and not err.code:
             raise
+        _log_to_files(err)
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             raise
         rank = torch.distributed.get_rank()

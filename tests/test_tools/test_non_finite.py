@@ -91,6 +91,10 @@ def test_nan_stops_the_run_and_the_last_checkpoint_resumes(setup, run_tool):
     proc = train(run_tool, setup, setup['nan'], work_dir, nan_at=6, check=False)
     assert proc.returncode != 0
     assert re.search(ERROR.format(it=6, epoch=2), proc.stderr), proc.output[-3000:]
+    # The run's log file says why it ended, with the traceback.
+    (log, ) = work_dir.glob('2*/2*.log')
+    assert re.search('the run failed: ' + ERROR.format(it=6, epoch=2), log.read_text()), \
+        log.read_text()[-3000:]
     # Steps 1-5 finished, finite; step 6 never reached its update.
     records = states(work_dir)
     assert sorted(records) == [1, 2, 3, 4, 5] and all(r['finite'] for r in records.values())

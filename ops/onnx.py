@@ -52,8 +52,8 @@ def grid_sample_translation(opset: int = MIN_OPSET) -> Callable:
 
     Value and locations of every (image, head) pair are batched together, as in
     :func:`ops.multi_scale_deformable_attn_pytorch`: ``GridSample`` samples
-    (N*M, D, h, w) maps at (N*M, Lq, P) points, level by level; a weighted sum over
-    levels and points follows.
+    (N*M, D, h, w) maps at (N*M, Lq, P) points, level by level, and the weighted sum
+    over the points of each level is added up.
     """
     op = _opset(opset)
     # GridSample-20 renamed 'bilinear' to 'linear' (and generalised it to N-D).
@@ -70,7 +70,11 @@ def grid_sample_translation(opset: int = MIN_OPSET) -> Callable:
         grids = op.Transpose(grids, perm=[0, 2, 1, 3, 4, 5])
         grids = op.Reshape(grids, op.Concat(op.Constant(value_ints=[-1]),
                                             op.Shape(grids, start=2), axis=0))
-        samples = []
+        # (N, Lq, M, L, P) -> (N*M, 1, Lq, L, P)
+        weights = op.Transpose(attention_weights, perm=[0, 2, 1, 3, 4])
+        weights = op.Reshape(weights, op.Concat(op.Constant(value_ints=[-1, 1]),
+                                                op.Shape(weights, start=2), axis=0))
+        out = None
         for lvl in range(levels):
             index = op.Constant(value_ints=[lvl])
             hw = op.Reshape(op.Gather(spatial_shapes, index, axis=0),
@@ -84,14 +88,12 @@ def grid_sample_translation(opset: int = MIN_OPSET) -> Callable:
             grid_l = op.Gather(grids, op.Constant(value_int=lvl), axis=2)
             sampled = op.GridSample(value_l, grid_l, mode=mode, padding_mode='zeros',
                                     align_corners=0)  # (N*M, D, Lq, P)
-            samples.append(op.Unsqueeze(sampled, op.Constant(value_ints=[3])))
-        sampled = op.Concat(*samples, axis=3)  # (N*M, D, Lq, L, P)
-        # (N, Lq, M, L, P) -> (N*M, 1, Lq, L, P)
-        weights = op.Transpose(attention_weights, perm=[0, 2, 1, 3, 4])
-        weights = op.Reshape(weights, op.Concat(op.Constant(value_ints=[-1, 1]),
-                                                op.Shape(weights, start=2), axis=0))
-        out = op.ReduceSum(op.Mul(sampled, weights), op.Constant(value_ints=[3, 4]),
-                           keepdims=0)  # (N*M, D, Lq)
+            # Weighted and summed level by level: the samples of all levels at once
+            # would be a (N*M, D, Lq, L, P) tensor, L times the memory.
+            weights_l = op.Gather(weights, op.Constant(value_int=lvl), axis=3)
+            part = op.ReduceSum(op.Mul(sampled, weights_l), op.Constant(value_ints=[3]),
+                                keepdims=0)  # (N*M, D, Lq)
+            out = part if out is None else op.Add(out, part)
         batch = op.Shape(attention_weights, start=0, end=1)
         out = op.Reshape(out, op.Concat(batch, op.Constant(value_ints=[heads * dim, -1]),
                                         axis=0))

@@ -350,7 +350,7 @@ def export_onnx(detector: DeformableDETR, out: str, shape: Sequence[int], batch:
     example = example_inputs(shape, 2 if dynamic else batch)
     dims = None
     if dynamic:
-        batch_dim = torch.export.Dim('batch')
+        batch_dim = torch.export.Dim('batch', min=1)
         dims = ({0: batch_dim, 2: torch.export.Dim.DYNAMIC, 3: torch.export.Dim.DYNAMIC},
                 {0: batch_dim})
     with torch.no_grad():

@@ -122,8 +122,8 @@ class End2EndDetector(nn.Module):
     These are the detections of ``detector.predict(..., rescale=False)``.
 
     Padding is masked as in training and testing (the masks are computed in the graph
-    from ``img_shapes``), so a batch of images of several sizes gives each image the
-    detections it would get alone.
+    from ``img_shapes``), so a batch of images of several sizes gives what
+    ``detector.predict`` gives for that batch.
 
     Args:
         detector: The detector, in eval mode.

@@ -42,7 +42,7 @@ deps: $(VENV)
 	@$(PYTHON) -c "import mmcv.ops" 2>/dev/null || echo "building mmcv 2.1.0's C++ ops from" \
 	  "source (no wheel exists for this torch): about 10 minutes the first time, then cached"
 	$(PIP) install -q --no-build-isolation -r requirements/mmcv.txt
-	$(PIP) install -q -r requirements/runtime.txt -r requirements/tests.txt
+	$(PIP) install -q -r requirements/runtime.txt -r requirements/tests.txt -r requirements/deploy.txt
 
 # Rebuilt only when a source changed: the editable install compiles ops/_C in place.
 $(EXT_STAMP): $(EXT_SOURCES)

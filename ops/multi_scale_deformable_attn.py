@@ -90,7 +90,8 @@ def _check_shapes(value: Tensor, spatial_shapes: Tensor, level_start_index: Tens
         points='sampling_locations, attention_weights',
     )
     for what, sizes in expected.items():
-        if len(set(sizes)) > 1:
+        # Compared, not hashed: under torch.export the sizes may be symbolic (SymInt).
+        if any(size != sizes[0] for size in sizes[1:]):
             raise ValueError(f'{what} differs between arguments ({sources[what]}): {sizes}')
     for what, size in dict(batch=bs, num_queries=nq, heads=heads, channels=dim,
                            levels=levels, points=points, num_keys=num_keys).items():

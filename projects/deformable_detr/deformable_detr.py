@@ -5,7 +5,7 @@ The transformer runs in the four stages MMDetection's DETRs name: ``pre_transfor
 queries: learnt, or the two-stage encoder proposals) and ``forward_decoder``.
 """
 import math
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 from mmdet.models.detectors.base import BaseDetector
@@ -205,7 +205,7 @@ class DeformableDETR(BaseDetector):
             return query, query_pos, reference_points, dict(enc_outputs_class=None,
                                                             enc_outputs_coord=None)
         out_memory, proposals = encoder_proposals(memory, levels['mask'],
-                                                  levels['spatial_shapes'])
+                                                  levels['level_shapes'])
         out_memory = self.memory_trans_norm(self.memory_trans_fc(out_memory))
         last = self.decoder.num_layers  # the head's extra branch
         enc_class = self.bbox_head.cls_branches[last](out_memory)
@@ -296,9 +296,12 @@ def backbone_stride(backbone: nn.Module) -> Optional[int]:
 # ----------------------------------------------------------------------------------
 
 
-def encoder_proposals(memory: Tensor, mask: Optional[Tensor], spatial_shapes: Tensor
-                      ) -> Tuple[Tensor, Tensor]:
+def encoder_proposals(memory: Tensor, mask: Optional[Tensor],
+                      level_shapes: Sequence[Tuple[int, int]]) -> Tuple[Tensor, Tensor]:
     """One proposal per pixel: its centre, a size of 0.05 * 2**level.
+
+    ``level_shapes`` holds the (h, w) of every level as Python sizes
+    (:func:`~.transformer.flatten_levels`).
 
     Returns:
         memory with padded / border pixels zeroed, (bs, N, C), and the proposals
@@ -307,18 +310,17 @@ def encoder_proposals(memory: Tensor, mask: Optional[Tensor], spatial_shapes: Te
     """
     bs = memory.shape[0]
     proposals, start = [], 0
-    for lvl, (h, w) in enumerate(spatial_shapes.tolist()):
-        if mask is not None:
+    for lvl, (h, w) in enumerate(level_shapes):
+        grid_y, grid_x = torch.meshgrid(  # arange: see DeformableEncoder.reference_points
+            torch.arange(h, dtype=torch.float32, device=memory.device) + 0.5,
+            torch.arange(w, dtype=torch.float32, device=memory.device) + 0.5, indexing='ij')
+        if mask is not None:  # normalised by each image's valid size
             level_mask = mask[:, start:start + h * w].view(bs, h, w)
             size = torch.stack([(~level_mask[:, 0, :]).sum(1), (~level_mask[:, :, 0]).sum(1)],
                                -1).view(bs, 1, 1, 2)
-        else:
-            size = memory.new_tensor([w, h]).view(1, 1, 1, 2)
-        grid_y, grid_x = torch.meshgrid(
-            torch.linspace(0, h - 1, h, device=memory.device),
-            torch.linspace(0, w - 1, w, device=memory.device), indexing='ij')
-        grid = torch.stack([grid_x, grid_y], -1)
-        grid = (grid[None].expand(bs, -1, -1, -1) + 0.5) / size
+            grid = torch.stack([grid_x, grid_y], -1)[None] / size
+        else:  # divided by the sizes themselves: a tensor of them would fix them in torch.export
+            grid = torch.stack([grid_x / w, grid_y / h], -1)[None].expand(bs, -1, -1, -1)
         wh = torch.full_like(grid, 0.05 * 2.0**lvl)
         proposals.append(torch.cat((grid, wh), -1).view(bs, -1, 4))
         start += h * w

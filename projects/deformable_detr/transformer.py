@@ -56,11 +56,14 @@ def flatten_levels(feats: Sequence[Tensor], pos_embeds: Sequence[Tensor],
     Returns:
         dict of ``feat`` (bs, N, C), ``feat_pos`` (position + level embedding),
         ``mask`` (bs, N) or None, ``spatial_shapes`` (L, 2), ``level_start_index``
-        (L,) and ``valid_ratios`` (bs, L, 2).
+        (L,), ``valid_ratios`` (bs, L, 2) and ``level_shapes``: the (h, w) of
+        ``spatial_shapes`` as Python sizes, for the code that builds grids from them
+        (reading the tensor back would sync a GPU, and torch.export could not see
+        through it).
     """
     bs = feats[0].shape[0]
-    spatial_shapes = torch.tensor([f.shape[-2:] for f in feats], dtype=torch.long,
-                                  device=feats[0].device)
+    level_shapes = [tuple(f.shape[-2:]) for f in feats]
+    spatial_shapes = torch.tensor(level_shapes, dtype=torch.long, device=feats[0].device)
     level_start_index = torch.cat([spatial_shapes.new_zeros(1),
                                    spatial_shapes.prod(1).cumsum(0)[:-1]])
     feat = torch.cat([f.flatten(2).transpose(1, 2) for f in feats], 1)
@@ -72,7 +75,8 @@ def flatten_levels(feats: Sequence[Tensor], pos_embeds: Sequence[Tensor],
         mask = torch.cat([m.flatten(1) for m in masks], 1)
         valid_ratios = torch.stack([valid_ratio(m) for m in masks], 1)
     return dict(feat=feat, feat_pos=feat_pos, mask=mask, spatial_shapes=spatial_shapes,
-                level_start_index=level_start_index, valid_ratios=valid_ratios)
+                level_start_index=level_start_index, valid_ratios=valid_ratios,
+                level_shapes=level_shapes)
 
 
 # ----------------------------------------------------------------------------------
@@ -154,18 +158,25 @@ class DeformableEncoder(nn.Module):
         self.embed_dims = self.layers[0].self_attn.embed_dims
 
     @staticmethod
-    def reference_points(spatial_shapes: Tensor, valid_ratios: Tensor) -> Tensor:
+    def reference_points(level_shapes: Sequence[Tuple[int, int]], valid_ratios: Tensor) -> Tensor:
         """(bs, N, L, 2) pixel centres of every level, seen on every level.
 
         Centres are normalised by the valid (unpadded) size of their own level,
         then scaled by each level's valid ratio, so that padding is never sampled
         more than it must be.
+
+        Args:
+            level_shapes: (h, w) of every level, as Python sizes.
+            valid_ratios: (bs, L, 2).
         """
         refs = []
-        for lvl, (h, w) in enumerate(spatial_shapes.tolist()):
+        for lvl, (h, w) in enumerate(level_shapes):
+            # arange + 0.5, not linspace: the same values, and torch.export keeps the
+            # sizes symbolic (linspace fixes them).
             ref_y, ref_x = torch.meshgrid(
-                torch.linspace(0.5, h - 0.5, h, device=valid_ratios.device),
-                torch.linspace(0.5, w - 0.5, w, device=valid_ratios.device), indexing='ij')
+                torch.arange(h, dtype=torch.float32, device=valid_ratios.device) + 0.5,
+                torch.arange(w, dtype=torch.float32, device=valid_ratios.device) + 0.5,
+                indexing='ij')
             ref_y = ref_y.reshape(-1)[None] / (valid_ratios[:, None, lvl, 1] * h)
             ref_x = ref_x.reshape(-1)[None] / (valid_ratios[:, None, lvl, 0] * w)
             refs.append(torch.stack((ref_x, ref_y), -1))
@@ -173,9 +184,9 @@ class DeformableEncoder(nn.Module):
 
     def forward(self, feat: Tensor, feat_pos: Tensor, mask: Optional[Tensor],
                 spatial_shapes: Tensor, level_start_index: Tensor,
-                valid_ratios: Tensor) -> Tensor:
-        """Returns the memory, (bs, N, C)."""
-        reference_points = self.reference_points(spatial_shapes, valid_ratios)
+                valid_ratios: Tensor, level_shapes: Sequence[Tuple[int, int]]) -> Tensor:
+        """Returns the memory, (bs, N, C). Arguments as :func:`flatten_levels` returns them."""
+        reference_points = self.reference_points(level_shapes, valid_ratios)
         for layer in self.layers:
             feat = layer(feat, feat_pos, reference_points, spatial_shapes, level_start_index,
                          mask)

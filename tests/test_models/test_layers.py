@@ -65,7 +65,7 @@ def test_encoder_shapes_and_reference_points():
     enc = DeformableEncoder(num_layers=2, embed_dims=64, num_heads=4, num_levels=3)
     assert enc(**inputs).shape == (2, NUM_KEYS, 64)
     ratios = torch.tensor([[[1.0, 1.0]] * 3, [[0.5, 0.75]] * 3])
-    ref = enc.reference_points(SHAPES, ratios)
+    ref = enc.reference_points(SHAPES.tolist(), ratios)
     assert ref.shape == (2, NUM_KEYS, 3, 2)
     assert ref.min() > 0 and ref.max() < 1
     # First pixel of level 0 (8x12), seen on level 0: its centre.

@@ -31,6 +31,9 @@ VARIANTS = {
     'twostage': 'deformable-detr-refine-twostage_r50_16xb2-50e_coco.py',
 }
 NUM_LAYERS, NUM_QUERIES = 2, 30
+# The CPU demo's model: training BatchNorm, two-stage with 50 queries, 4 levels.
+DEMO_CONFIG = os.path.join(ROOT, 'configs', 'synthetic',
+                           'deformable-detr-refine-twostage_r18_1xb8-synthetic.py')
 # init_weights() logs every parameter at INFO: slow, and noise in test output.
 MMLogger.get_current_instance().setLevel(logging.WARNING)
 
@@ -105,6 +108,15 @@ def _make_batch(img_shapes: Sequence[Tuple[int, int]] = ((64, 96), (56, 80)),
     return inputs, samples
 
 
+def _build_demo_model() -> torch.nn.Module:
+    """The demo config's model, initialised from seed 0."""
+    init_default_scope('mmdet')
+    torch.manual_seed(0)
+    model = MODELS.build(Config.fromfile(DEMO_CONFIG).model)
+    model.init_weights()
+    return model
+
+
 @pytest.fixture
 def one_thread():
     """Runs a test on one intra-op thread, then restores the setting.
@@ -140,3 +152,9 @@ def build_pair() -> Callable[..., Tuple[torch.nn.Module, torch.nn.Module]]:
 def make_batch() -> Callable[..., Tuple[torch.Tensor, List[DetDataSample]]]:
     """Random padded images and their data samples: see :func:`_make_batch`."""
     return _make_batch
+
+
+@pytest.fixture(scope='session')
+def build_demo_model() -> Callable[[], torch.nn.Module]:
+    """The demo config's model: see :func:`_build_demo_model`."""
+    return _build_demo_model

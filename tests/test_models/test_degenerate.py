@@ -1,13 +1,9 @@
 """Degenerate sizes and boxes, and non-finite values: finite losses or a clear error."""
 import copy
-import os
 
 import pytest
 import torch
-from mmdet.registry import MODELS
 from mmdet.structures import DetDataSample
-from mmengine.config import Config
-from mmengine.registry import init_default_scope
 from mmengine.structures import InstanceData
 
 import projects.deformable_detr.hungarian_assigner as assigner_module
@@ -16,18 +12,11 @@ from projects.deformable_detr.non_finite import NonFiniteError
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
-# The demo's model: training BatchNorm, two-stage with 50 queries, 4 levels (strides 8-64).
-CONFIG = os.path.join(os.path.dirname(__file__), '..', '..', 'configs', 'synthetic',
-                      'deformable-detr-refine-twostage_r18_1xb8-synthetic.py')
 
 
 @pytest.fixture(scope='module')
-def model():
-    init_default_scope('mmdet')
-    torch.manual_seed(0)
-    model = MODELS.build(Config.fromfile(CONFIG).model)
-    model.init_weights()
-    return model
+def model(build_demo_model):
+    return build_demo_model()
 
 
 def batch(sizes, boxes=None, labels=None):

@@ -13,18 +13,14 @@ things differ from a GPU run, both because of this machine:
   attention sampling runs through the op's pure-PyTorch reference, in float16 too.
 """
 import copy
-import os
 import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
-from mmdet.registry import MODELS
 from mmdet.structures import DetDataSample
-from mmengine.config import Config
 from mmengine.logging import MessageHub
 from mmengine.optim import AmpOptimWrapper, OptimWrapper
-from mmengine.registry import init_default_scope
 from mmengine.structures import InstanceData
 
 import projects.deformable_detr.non_finite as non_finite
@@ -33,20 +29,14 @@ from projects.deformable_detr.non_finite import (NonFiniteError, SkipNonFiniteHo
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
-CONFIG = os.path.join(os.path.dirname(__file__), '..', '..', 'configs', 'synthetic',
-                      'deformable-detr-refine-twostage_r18_1xb8-synthetic.py')
 # Every way a tensor's value reaches Python, i.e. a host synchronisation on a GPU.
 HOST_READS = ('item', 'tolist', 'cpu', 'numpy', '__bool__', '__float__', '__int__',
               '__index__')
 
 
 @pytest.fixture(scope='module')
-def model():
-    init_default_scope('mmdet')
-    torch.manual_seed(0)
-    model = MODELS.build(Config.fromfile(CONFIG).model)
-    model.init_weights()
-    return model.train()
+def model(build_demo_model):
+    return build_demo_model().train()
 
 
 def batch(nan: bool = False):

@@ -355,13 +355,17 @@ cudaError_t launch_forward(const KernelSizes& s, bool vectorised, const scalar_t
   return cudaGetLastError();
 }
 
-// `vectorised`: can_vectorise holds for grad_out, value and grad_value.
-template <typename scalar_t>
-cudaError_t launch_backward(const KernelSizes& s, bool vectorised, const scalar_t* grad_out,
-                            const scalar_t* value, const int64_t* shapes, const int64_t* starts,
-                            const scalar_t* loc, const scalar_t* attn,
-                            typename Acc<scalar_t>::type* grad_value, scalar_t* grad_loc,
-                            scalar_t* grad_attn, cudaStream_t stream) {
+// backward_kernel<.., kTerms> over every (batch, query, head): grad_value by atomics, or
+// (kTerms) grad_value's terms for the deterministic path; the unused pointers are null.
+template <typename scalar_t, bool kTerms>
+cudaError_t launch_backward_kernel(const KernelSizes& s, bool vectorised,
+                                   const scalar_t* grad_out, const scalar_t* value,
+                                   const int64_t* shapes, const int64_t* starts,
+                                   const scalar_t* loc, const scalar_t* attn,
+                                   typename Acc<scalar_t>::type* grad_value, int32_t* term_row,
+                                   typename Acc<scalar_t>::type* term_weight,
+                                   scalar_t* grad_loc, scalar_t* grad_attn,
+                                   cudaStream_t stream) {
   constexpr int vec = kVec<scalar_t>;
   const int group = group_size(s.dim, vectorised ? vec : 1);
   const int64_t blocks = num_blocks(s.bs * s.nq * s.heads, group);
@@ -369,15 +373,27 @@ cudaError_t launch_backward(const KernelSizes& s, bool vectorised, const scalar_
   if (blocks > kMaxBlocks) return cudaErrorInvalidConfiguration;
   const auto grid = static_cast<unsigned int>(blocks);
   if (vectorised) {
-    MSDA_LAUNCH(grid, kThreads, stream, backward_kernel<scalar_t, vec, false>)(
-        s, group, grad_out, value, shapes, starts, loc, attn, grad_value, nullptr, nullptr,
-        grad_loc, grad_attn);
+    MSDA_LAUNCH(grid, kThreads, stream, backward_kernel<scalar_t, vec, kTerms>)(
+        s, group, grad_out, value, shapes, starts, loc, attn, grad_value, term_row,
+        term_weight, grad_loc, grad_attn);
   } else {
-    MSDA_LAUNCH(grid, kThreads, stream, backward_kernel<scalar_t, 1, false>)(
-        s, group, grad_out, value, shapes, starts, loc, attn, grad_value, nullptr, nullptr,
-        grad_loc, grad_attn);
+    MSDA_LAUNCH(grid, kThreads, stream, backward_kernel<scalar_t, 1, kTerms>)(
+        s, group, grad_out, value, shapes, starts, loc, attn, grad_value, term_row,
+        term_weight, grad_loc, grad_attn);
   }
   return cudaGetLastError();
+}
+
+// `vectorised`: can_vectorise holds for grad_out, value and grad_value.
+template <typename scalar_t>
+cudaError_t launch_backward(const KernelSizes& s, bool vectorised, const scalar_t* grad_out,
+                            const scalar_t* value, const int64_t* shapes, const int64_t* starts,
+                            const scalar_t* loc, const scalar_t* attn,
+                            typename Acc<scalar_t>::type* grad_value, scalar_t* grad_loc,
+                            scalar_t* grad_attn, cudaStream_t stream) {
+  return launch_backward_kernel<scalar_t, false>(s, vectorised, grad_out, value, shapes,
+                                                 starts, loc, attn, grad_value, nullptr,
+                                                 nullptr, grad_loc, grad_attn, stream);
 }
 
 // Deterministic backward, first step: grad_loc, grad_attn and grad_value's terms
@@ -390,22 +406,9 @@ cudaError_t launch_backward_terms(const KernelSizes& s, bool vectorised, const s
                                   const scalar_t* attn, int32_t* term_row,
                                   typename Acc<scalar_t>::type* term_weight, scalar_t* grad_loc,
                                   scalar_t* grad_attn, cudaStream_t stream) {
-  constexpr int vec = kVec<scalar_t>;
-  const int group = group_size(s.dim, vectorised ? vec : 1);
-  const int64_t blocks = num_blocks(s.bs * s.nq * s.heads, group);
-  if (blocks == 0) return cudaSuccess;
-  if (blocks > kMaxBlocks) return cudaErrorInvalidConfiguration;
-  const auto grid = static_cast<unsigned int>(blocks);
-  if (vectorised) {
-    MSDA_LAUNCH(grid, kThreads, stream, backward_kernel<scalar_t, vec, true>)(
-        s, group, grad_out, value, shapes, starts, loc, attn, nullptr, term_row, term_weight,
-        grad_loc, grad_attn);
-  } else {
-    MSDA_LAUNCH(grid, kThreads, stream, backward_kernel<scalar_t, 1, true>)(
-        s, group, grad_out, value, shapes, starts, loc, attn, nullptr, term_row, term_weight,
-        grad_loc, grad_attn);
-  }
-  return cudaGetLastError();
+  return launch_backward_kernel<scalar_t, true>(s, vectorised, grad_out, value, shapes, starts,
+                                                loc, attn, nullptr, term_row, term_weight,
+                                                grad_loc, grad_attn, stream);
 }
 
 // Deterministic backward, last step, after the caller's stable sort of term_row:

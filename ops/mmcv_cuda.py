@@ -15,7 +15,6 @@ mmcv's own ``_ext`` module, so that it can also stand in for it
 :func:`load_mmcv_cuda` finds the kernel for tests and benchmarks: mmcv's own CUDA build
 if it has one, else the source distribution named by ``$MMCV_SDIST``.
 """
-import hashlib
 import os
 import tarfile
 import tempfile
@@ -25,6 +24,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 MMCV_VERSION = '2.1.0'
+_EXT_NAME = 'mmcv_multi_scale_deformable_attn_cuda'
 _KERNEL = 'mmcv/ops/csrc/pytorch/cuda/ms_deform_attn_cuda.cu'
 _HEADERS = ('mmcv/ops/csrc/common/cuda/ms_deform_attn_cuda_kernel.cuh',
             'mmcv/ops/csrc/common/cuda/common_cuda_helper.hpp',
@@ -115,29 +115,21 @@ def build_mmcv_cuda(sdist: str, build_dir: Optional[str] = None,
                     arch_flags: Sequence[str] = (), verbose: bool = False) -> ModuleType:
     """Compiles mmcv's CUDA kernel of the op as a torch extension and imports it.
 
-    torch's extension cache keeps the build: a second call with the same sources loads it
-    at once. ``TORCH_CUDA_ARCH_LIST`` picks the GPU architectures, as for any extension.
+    torch's extension cache keeps the build (and rebuilds when the sources change): a
+    second call loads it at once. ``TORCH_CUDA_ARCH_LIST`` picks the GPU architectures,
+    as for any extension.
 
     Args:
         sdist: mmcv's source distribution (``.tar.gz``) or an extracted folder.
-        build_dir: Where the sources and the build go (default: a folder of the system's
-            temporary directory named by the sources' hash).
+        build_dir: Where the sources and the build go (default:
+            ``mmcv_multi_scale_deformable_attn_cuda`` in the system's temporary folder).
         arch_flags: Extra nvcc flags (e.g. ``-gencode=arch=compute_90,code=sm_90``).
         verbose: Print the compiler's commands.
     """
     from torch.utils.cpp_extension import load
-    src_dir = tempfile.mkdtemp(prefix='mmcv_multi_scale_deformable_attn_')
-    spec = extract_mmcv_sources(sdist, src_dir)
-    digest = hashlib.sha256()
-    for path in spec['sources'] + [os.path.join(d, f) for d in spec['include_dirs']
-                                   for f in sorted(os.listdir(d))
-                                   if os.path.isfile(os.path.join(d, f))]:
-        with open(path, 'rb') as f:
-            digest.update(f.read())
-    name = 'mmcv_multi_scale_deformable_attn_' + digest.hexdigest()[:12]
-    build_dir = build_dir or os.path.join(tempfile.gettempdir(), name)
-    os.makedirs(build_dir, exist_ok=True)
-    return load(name, spec['sources'], extra_include_paths=spec['include_dirs'],
+    build_dir = build_dir or os.path.join(tempfile.gettempdir(), _EXT_NAME)
+    spec = extract_mmcv_sources(sdist, os.path.join(build_dir, 'src'))
+    return load(_EXT_NAME, spec['sources'], extra_include_paths=spec['include_dirs'],
                 extra_cflags=['-O3'], extra_cuda_cflags=['-O3', *arch_flags],
                 build_directory=build_dir, verbose=verbose)
 
@@ -179,6 +171,19 @@ def mmcv_cuda_attention(ext: ModuleType, im2col_step: int = 64) -> Callable[...,
     return attention
 
 
+def mmcv_has_cuda_ops() -> bool:
+    """Whether the installed mmcv was built with its CUDA ops.
+
+    Not whether ``_ext`` has ``ms_deform_attn_forward``: a CPU-only build has it too,
+    and fails only when it is called on a CUDA tensor.
+    """
+    try:
+        from mmcv.ops import get_compiling_cuda_version
+    except ImportError:
+        return False
+    return get_compiling_cuda_version() != 'not available'
+
+
 def load_mmcv_cuda() -> Optional[ModuleType]:
     """mmcv's CUDA kernel, or None where there is none.
 
@@ -187,12 +192,9 @@ def load_mmcv_cuda() -> Optional[ModuleType]:
     """
     if not torch.cuda.is_available():
         return None
-    try:
-        from mmcv.utils import ext_loader
-        ext = ext_loader.load_ext('_ext', ['ms_deform_attn_forward'])
-        return ext
-    except (ImportError, AttributeError, AssertionError):
-        pass
+    if mmcv_has_cuda_ops():
+        from mmcv.ops import multi_scale_deform_attn
+        return multi_scale_deform_attn.ext_module
     sdist = os.environ.get('MMCV_SDIST')
     return build_mmcv_cuda(sdist) if sdist else None
 
@@ -216,12 +218,11 @@ def give_mmcv_its_cuda_kernel() -> str:
     Raises:
         RuntimeError: mmcv has no CUDA ops and ``$MMCV_SDIST`` is unset.
     """
-    from mmcv.ops import multi_scale_deform_attn
-    if hasattr(multi_scale_deform_attn.ext_module, 'ms_deform_attn_forward'):
+    if mmcv_has_cuda_ops():
         return "mmcv's own CUDA build"
-    sdist = os.environ.get('MMCV_SDIST')
-    if not sdist:
+    ext = load_mmcv_cuda()
+    if ext is None:
         raise RuntimeError('mmcv has no CUDA ops: set MMCV_SDIST to mmcv-2.1.0.tar.gz so that '
                            'its kernel is compiled standalone (ops/mmcv_cuda.py)')
-    install_into_mmcv(build_mmcv_cuda(sdist))
-    return f"mmcv's kernel compiled standalone from {os.path.basename(sdist)}"
+    install_into_mmcv(ext)
+    return f"mmcv's kernel compiled standalone from {os.path.basename(os.environ['MMCV_SDIST'])}"

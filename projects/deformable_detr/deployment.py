@@ -24,7 +24,7 @@ import sympy
 import torch
 from mmengine.config import Config
 from mmengine.registry import init_default_scope
-from mmengine.runner.checkpoint import _load_checkpoint, _load_checkpoint_to_model
+from mmengine.runner import load_checkpoint
 from torch import Tensor, nn
 
 from . import safe_checkpoint  # noqa: F401  (MMEngine checkpoints under torch >= 2.6)
@@ -194,10 +194,10 @@ def load_weights(model: nn.Module, checkpoint: str) -> None:
             into a model without box refinement, whose keys are the same): a strict
             load alone would keep the last of them silently.
     """
-    ckpt = _load_checkpoint(checkpoint, map_location='cpu')
+    ckpt = load_checkpoint(model, checkpoint, map_location='cpu', strict=True,
+                           revise_keys=[(r'^module\.', '')])
     state = ckpt.get('state_dict', ckpt) if isinstance(ckpt, dict) else ckpt
     state = {re.sub(r'^module\.', '', k): v for k, v in state.items()}
-    _load_checkpoint_to_model(model, dict(state_dict=state), strict=True)
     shared: Dict[int, List[str]] = {}
     for name, tensor in model.state_dict(keep_vars=True).items():
         shared.setdefault(id(tensor), []).append(name)
@@ -292,7 +292,8 @@ def _ops_onnx():
 
 def check_opset(opset: int) -> None:
     """Refuses an opset the export cannot write, naming what limits it."""
-    MIN_OPSET, MAX_OPSET = _ops_onnx().MIN_OPSET, _ops_onnx().MAX_OPSET
+    ops_onnx = _ops_onnx()
+    MIN_OPSET, MAX_OPSET = ops_onnx.MIN_OPSET, ops_onnx.MAX_OPSET  # noqa: N806
     if opset < MIN_OPSET:
         raise ValueError(
             f'ONNX opset {opset} is not supported (use {MIN_OPSET} to {MAX_OPSET}): '
@@ -342,10 +343,8 @@ def export_onnx(detector: DeformableDETR, out: str, shape: Sequence[int], batch:
         ValueError: an unsupported opset or op mode.
         ExportError: a piece of the model that cannot be exported, named.
     """
-    if op_mode not in OP_MODES:
-        raise ValueError(f'op_mode must be one of {OP_MODES}, got {op_mode!r}')
     check_opset(opset)
-    table = translation_table(op_mode, opset, plugin_version)
+    table = translation_table(op_mode, opset, plugin_version)  # checks op_mode
     module = End2EndDetector(detector).eval()
     example = example_inputs(shape, 2 if dynamic else batch)
     dims = None

@@ -301,7 +301,10 @@ class CheckpointHook(MMEngineCheckpointHook):
 
     # --- saving ----------------------------------------------------------------------
     def _save_checkpoint_with_step(self, runner, step: int, meta: dict) -> None:
-        # Every process runs this (only rank 0 writes): gather the states here.
+        # MMEngine's version, but for three things, so it is not called: it deletes the
+        # expired checkpoint before writing the new one, and writes last_checkpoint in
+        # place (a kill in between leaves none, or an empty name); and here every process
+        # (only rank 0 writes) gathers the RNG states into the meta.
         state = self._before_val if self._before_val is not None else get_rng_state()
         meta = dict(meta, rng_states=all_gather_object(state),
                     data_position=dict(self._position))

@@ -1,5 +1,7 @@
 # make demo:    set up, then train and evaluate on the built-in synthetic data set.
 # make test:    set up, then run the test suite.
+# make test-numerics:    the numeric tests on every CPU code path this machine has.
+# make check-cuda-build: build ops._C against a CUDA torch and check it (no GPU needed).
 #
 # Setting up installs the dependencies and builds the op, into:
 #   - the interpreter given as PYTHON=..., if any;
@@ -24,7 +26,7 @@ EXT_SOURCES := setup.py $(shell find ops/csrc -name '*.h' -o -name '*.cpp' -o -n
 # One stamp per interpreter: each environment gets its own editable install.
 EXT_STAMP := build/.ext-stamp$(subst /,_,$(PYTHON))
 
-.PHONY: install deps test demo bench clean
+.PHONY: install deps test test-numerics check-cuda-build demo bench clean
 
 install: deps $(EXT_STAMP)
 
@@ -39,18 +41,34 @@ endif
 deps: $(VENV)
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install $(TORCH_SPEC)
 	$(PIP) install -q -r requirements/build.txt
-	@$(PYTHON) -c "import mmcv.ops" 2>/dev/null || echo "building mmcv 2.1.0's C++ ops from" \
-	  "source (no wheel exists for this torch): about 10 minutes the first time, then cached"
-	$(PIP) install -q --no-build-isolation -r requirements/mmcv.txt
+	@# No mmcv wheel exists for this torch: its C++ ops build from source the first time
+	@# (pip caches the wheel), with a progress line a minute and the log kept.
+	@$(PYTHON) -c "import mmcv.ops" 2>/dev/null || bash tools/misc/with_progress.sh \
+	  build/logs/mmcv.log "building mmcv 2.1.0's C++ ops from source (once; 10 to 30 minutes on 2 cores)" \
+	  $(PIP) install -v --no-build-isolation -r requirements/mmcv.txt
 	$(PIP) install -q -r requirements/runtime.txt -r requirements/tests.txt -r requirements/deploy.txt
 
 # Rebuilt only when a source changed: the editable install compiles ops/_C in place.
 $(EXT_STAMP): $(EXT_SOURCES)
-	$(PIP) install -q --no-build-isolation --no-deps -e .
+	@bash tools/misc/with_progress.sh build/logs/ext.log "building the op extension ops/_C" \
+	  $(PIP) install -v --no-build-isolation --no-deps -e .
 	@mkdir -p build && touch $@
 
-test: install
-	$(PYTHON) -m pytest tests
+# Prints at its end how long setting up and testing took.
+test:
+	@t0=$$(date +%s); $(MAKE) --no-print-directory install || exit $$?; t1=$$(date +%s); \
+	  $(PYTHON) -m pytest tests; rc=$$?; t2=$$(date +%s); \
+	  echo "make test: setting up $$(( (t1 - t0) / 60 ))m$$(( (t1 - t0) % 60 ))s," \
+	    "tests $$(( (t2 - t1) / 60 ))m$$(( (t2 - t1) % 60 ))s"; exit $$rc
+
+# The numeric tests (marked `numerics`) on every ATen CPU path this CPU has (default,
+# avx2, avx512), with MKL and oneDNN held to the same instruction set, at 1 and 2 threads.
+test-numerics: install
+	PYTHON=$(PYTHON) bash tests/run_numerics.sh
+
+# The CUDA build of ops._C against PyPI's CUDA torch, in .venv-cuda; no GPU needed.
+check-cuda-build:
+	bash tools/gpu/check_cuda_build.sh
 
 demo: install
 	PYTHON=$(PYTHON) bash tools/demo.sh

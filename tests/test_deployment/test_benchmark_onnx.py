@@ -12,4 +12,6 @@ def test_benchmark_prints_the_table(run_tool):
                     r'([\d.]+) \| ([\d.e+-]+) \|', out)
     assert row, out
     assert all(float(v) > 0 for v in row.groups()[:5])
-    assert float(row.group(6)) < 1e-4  # the two runtimes agree on the scores
+    # The two runtimes agree on the scores (sigmoids in [0, 1]); onnxruntime and torch
+    # round float32 sums of up to a few thousand terms in other orders: 1e-4 (~800 eps32).
+    assert float(row.group(6)) < 1e-4

@@ -38,6 +38,7 @@ def test_matches_brute_force(nq, ng, seed):
     else:
         best = min(sum(cost[q, g] for q, g in enumerate(perm))
                    for perm in itertools.permutations(range(ng), nq))
+    # Two float32 sums of the same min(nq, ng) <= 5 costs in other orders: 5 eps32 = 6e-7.
     assert cost[rows, cols].sum().item() == pytest.approx(float(best), rel=1e-6, abs=1e-6)
 
 
@@ -53,12 +54,16 @@ def test_cost_equals_mmdet_match_costs():
                InstanceData(labels=labels, bboxes=bbox_cxcywh_to_xyxy(gt_boxes) * scale),
                dict(img_shape=(h, w))) for c in theirs.match_costs]
     ours = HungarianAssigner().cost_matrix(logits, boxes, labels, gt_boxes, (h, w))
+    # The same three costs in float32 by two codes: focal (a log and a few products), L1
+    # (4 terms, mmdet's in pixels then scaled back), GIoU (areas of pixel boxes up to
+    # 64 x 48): tens of eps32 relative, 1e-5 = 84 eps32.
     torch.testing.assert_close(ours, sum(costs), rtol=1e-5, atol=1e-5)
 
 
 def test_weights_scale_their_costs():
     logits, boxes, labels, gt_boxes = random_case(4, 2, seed=4)
     only_l1 = HungarianAssigner(cls_weight=0, l1_weight=1, giou_weight=0)
+    # 4-term L1 sums in two orders: default float32 tolerance.
     torch.testing.assert_close(only_l1.cost_matrix(logits, boxes, labels, gt_boxes),
                                torch.cdist(boxes, gt_boxes, p=1))
 

@@ -75,6 +75,9 @@ def test_mmdet_two_stage_checkpoint_picks_the_same_proposals(build_pair, small_m
             model(inputs, copy.deepcopy(samples), mode='predict')
     # The proposals' boxes, in rank order: another proposal would be another pixel's box.
     assert picked['ours'].shape == picked['mmdet'].shape == (2, ours.num_queries, 4)
+    # Boxes in [0, 1] from two float32 computations of the same encoder (ours and mmcv's
+    # grid_sample path): each a chain of sums of up to a few hundred terms, so a few
+    # hundred eps32 (1.2e-7) of the unit scale; 1e-5 = 84 eps32.
     torch.testing.assert_close(picked['ours'], picked['mmdet'], rtol=0, atol=1e-5)
     # Real proposals only. (Padding and border proposals all score one constant, the
     # classifier of a zeroed memory, and come out as boxes of ones: untrained weights
@@ -249,6 +252,10 @@ def test_official_80_classes_compute_what_91_do(variant, small_model_cfg, make_b
 
     # Same proposals (two-stage), picked in the same order; same queries otherwise.
     assert torch.equal(out80['references'], out91['references'])
+    # The same float32 arithmetic in both models but the classifiers' widths (80 or 91
+    # rows), which may change a GEMM's blocking and so its summation order: boxes in
+    # [0, 1] within a few eps32 (1e-6 = 8 eps32); logits, sums of embed_dims products of
+    # magnitude below one, within embed_dims * eps32 of their scale (at most 1e-5).
     torch.testing.assert_close(out80['boxes'], out91['boxes'], rtol=0, atol=1e-6)
     torch.testing.assert_close(out80['logits'], out91['logits'][..., COCO_IDS],
                                rtol=0, atol=1e-5)

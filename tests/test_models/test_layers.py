@@ -38,6 +38,7 @@ def test_attention_init():
         direction = torch.tensor([math.cos(angle), math.sin(angle)])
         direction /= direction.abs().max()  # on the square around the reference
         for point in range(4):  # the same on every level, scaled by point index
+            # cos/sin in float32 against torch's float32: default tolerance (1.3e-6 rel).
             torch.testing.assert_close(bias[head, :, point],
                                        (point + 1) * direction.expand(4, 2))
 
@@ -50,6 +51,7 @@ def test_attention_ignores_padded_values():
     ref = torch.rand(1, 7, 3, 2)
     out = attn(query, value, ref, SHAPES, STARTS, mask)
     garbage = value.masked_fill(mask[..., None], 1e3)
+    # The same computation with masked values zeroed either way: default tolerance.
     torch.testing.assert_close(attn(query, garbage, ref, SHAPES, STARTS, mask), out)
     assert not torch.allclose(attn(query, garbage, ref, SHAPES, STARTS), out)
 
@@ -69,6 +71,7 @@ def test_encoder_shapes_and_reference_points():
     assert ref.shape == (2, NUM_KEYS, 3, 2)
     assert ref.min() > 0 and ref.max() < 1
     # First pixel of level 0 (8x12), seen on level 0: its centre.
+    # One division each in float32: within an eps32, inside the default tolerance.
     torch.testing.assert_close(ref[0, 0, 0], torch.tensor([0.5 / 12, 0.5 / 8]))
 
 
@@ -97,6 +100,7 @@ def test_head_init_and_predict(make_batch):
                               share_pred_layer=True, test_cfg=dict(max_per_img=7))
     head.init_weights()
     assert head.cls_branches[0] is head.cls_branches[1]
+    # -log(99) rounded once to float32 (default tolerance); the zero-init bias is exact.
     torch.testing.assert_close(head.cls_branches[0].bias,
                                torch.full((5, ), -math.log(99)))
     assert head.reg_branches[0][-1].weight.abs().sum() == 0
@@ -126,6 +130,7 @@ def test_paper_variants(name, params, config_path, small_model_cfg, make_batch):
     cfg.model.backbone.init_cfg = None
     with torch.device('meta'):  # sizes only: no memory, no init cost
         model = MODELS.build(cfg.model)
+    # An integer count against the paper's figure, given to 0.1 M: within 0.05 M.
     assert sum(p.numel() for p in model.parameters()) / 1e6 == pytest.approx(params, abs=0.05)
     # Run the tiny version (same neck / levels / flags) on two small images.
     small_cfg = small_model_cfg(name)

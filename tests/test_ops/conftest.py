@@ -58,6 +58,21 @@ def _assert_close_relative(actual: torch.Tensor, expected: torch.Tensor, rtol: f
     assert err <= rtol * scale, f'{name}: max abs error {err:.3g} > {rtol} x scale {scale:.3g}'
 
 
+def _sum_lengths(levels: int, points: int, num_queries: int, dim: int) -> Dict[str, int]:
+    """The longest sum behind each result of the op, for error bounds of ``n * eps``.
+
+    An output element sums levels * points * 4 bilinear taps; a row of grad_value at most
+    every query's taps (num_queries * levels * points * 4); a location or weight gradient
+    4 taps of each of ``dim`` channels. A float rounding of a sum of n terms is off by at
+    most n * eps of the sum of their magnitudes, which these inputs (random values,
+    positive weights summing to one per query) keep within a few times the tensor's
+    largest magnitude.
+    """
+    taps = levels * points * 4
+    return {'output': taps, 'grad_value': num_queries * taps,
+            'grad_sampling_locations': 4 * dim, 'grad_attention_weights': 4 * dim}
+
+
 @pytest.fixture(scope='session')
 def make_inputs() -> Callable[..., Dict[str, torch.Tensor]]:
     """The op's arguments: see :func:`_make_inputs`."""
@@ -74,3 +89,9 @@ def forward_backward() -> Callable:
 def assert_close_relative() -> Callable:
     """Max error against the expected tensor's scale: see :func:`_assert_close_relative`."""
     return _assert_close_relative
+
+
+@pytest.fixture(scope='session')
+def sum_lengths() -> Callable[..., Dict[str, int]]:
+    """The longest sum behind each of the op's results: see :func:`_sum_lengths`."""
+    return _sum_lengths

@@ -38,6 +38,9 @@ def test_dist_train_matches_single_process(tmp_path, tiny_setup, baseline_run, r
         # DETR normalises its losses by the number of boxes over all processes, and DDP
         # averages the gradients: the mean of the ranks' losses is the single loss,
         # iteration after iteration (so the weights evolve alike too).
+        # Two processes sum the per-image losses and DDP averages gradients in another
+        # order than one process: float32 sums of a batch's terms in another order,
+        # then a few iterations of AdamW amplifying them (1/sqrt(v) of small v): 1e-4.
         for key in ('loss', 'loss_cls', 'loss_bbox', 'loss_iou'):
             mean = (ranks[0][it][key] + ranks[1][it][key]) / 2
             np.testing.assert_allclose(mean, single[it][key], rtol=1e-4, err_msg=key)

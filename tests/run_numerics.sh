@@ -20,7 +20,7 @@ for cap in default avx2 avx512; do
     fi
     for threads in 1 2; do
         echo "== ATen $cap, MKL ${MKL[$cap]}, oneDNN ${DNNL[$cap]}, $threads thread(s)"
-        if env "${env_vars[@]}" OMP_NUM_THREADS=$threads "$PY" -m pytest tests -m numerics \
+        if env "${env_vars[@]}" OMP_NUM_THREADS=$threads TEST_THREADS=$threads "$PY" -m pytest tests -m numerics \
                 -q -p no:cacheprovider "$@"; then
             ran+=("$cap/$threads")
         else

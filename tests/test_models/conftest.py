@@ -123,9 +123,10 @@ def one_thread():
 
     The tensors here are tiny: a second thread only adds synchronisation, and on a
     busy 2-core machine OpenMP threads waiting for each other cost ~10x the work.
+    ``TEST_THREADS`` sets another count (``make test-numerics`` runs 1 and 2).
     """
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(int(os.environ.get('TEST_THREADS', '1')))
     yield
     torch.set_num_threads(threads)
 

@@ -9,7 +9,7 @@ from mmengine.structures import InstanceData
 
 from projects.deformable_detr import HungarianAssigner
 
-pytestmark = pytest.mark.usefixtures('one_thread')
+pytestmark = [pytest.mark.usefixtures('one_thread'), pytest.mark.numerics]
 
 
 def random_case(nq, ng, num_classes=5, seed=0):

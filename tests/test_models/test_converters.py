@@ -10,7 +10,7 @@ from mmengine.registry import init_default_scope
 
 from projects.deformable_detr.converters import COCO_IDS, mmdet_to_ours, official_to_ours
 
-pytestmark = pytest.mark.usefixtures('one_thread')
+pytestmark = [pytest.mark.usefixtures('one_thread'), pytest.mark.numerics]
 
 
 # -- mmdet -> ours ----------------------------------------------------------------

@@ -8,7 +8,7 @@ from mmengine.structures import InstanceData
 import projects.deformable_detr.criterion as criterion_module
 from projects.deformable_detr import SetCriterion
 
-pytestmark = pytest.mark.usefixtures('one_thread')
+pytestmark = [pytest.mark.usefixtures('one_thread'), pytest.mark.numerics]
 
 
 def hand_case():

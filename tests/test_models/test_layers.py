@@ -11,7 +11,7 @@ from projects.deformable_detr import (DeformableDecoder, DeformableDETRHead, Def
                                       MultiScaleDeformableAttention)
 from projects.deformable_detr.transformer import flatten_levels
 
-pytestmark = pytest.mark.usefixtures('one_thread')
+pytestmark = [pytest.mark.usefixtures('one_thread'), pytest.mark.numerics]
 
 SHAPES = torch.tensor([[8, 12], [4, 6], [2, 3]])
 STARTS = torch.tensor([0, 96, 120])

@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 
-pytestmark = pytest.mark.usefixtures('one_thread')
+pytestmark = [pytest.mark.usefixtures('one_thread'), pytest.mark.numerics]
 
 BATCHES = {
     'padded': dict(img_shapes=((64, 96), (56, 80)), num_gts=(3, 2)),  # masks, ratios < 1

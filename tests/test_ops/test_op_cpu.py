@@ -6,6 +6,8 @@ from hypothesis import strategies as st
 
 from ops import has_kernel, multi_scale_deformable_attn, multi_scale_deformable_attn_pytorch
 
+pytestmark = pytest.mark.numerics
+
 EPS32, EPS64 = torch.finfo(torch.float32).eps, torch.finfo(torch.float64).eps
 
 mmcv_op = pytest.importorskip('mmcv.ops.multi_scale_deform_attn')

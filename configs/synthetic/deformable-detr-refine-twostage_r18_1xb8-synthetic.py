@@ -2,7 +2,7 @@
 # ResNet-18 trained from scratch on the synthetic shapes (128 px), a narrow transformer
 # (d=128, 2 encoder and 3 decoder layers, 4 levels) and 50 queries. Two-stage initialises
 # the queries from the encoder's best proposals, which is what lets a from-scratch model
-# converge within a few CPU minutes; see configs/synthetic/README.md for the numbers.
+# converge within a few CPU minutes; see docs/demo.md.
 _base_ = './_base_/synthetic-shapes_128.py'
 
 custom_imports = dict(imports=['projects.deformable_detr'], allow_failed_imports=False)

@@ -27,7 +27,7 @@ custom_imports = dict(imports=['projects.deformable_detr', 'nan_hooks'],
                       allow_failed_imports=False)
 custom_hooks = [{HOOKS}]
 '''
-# The switch, as the README gives it (the test hooks kept).
+# The switch, as docs/training.md gives it (the test hooks kept).
 SKIP_CONFIG = f'''_base_ = './nan.py'
 custom_hooks = [{HOOKS}, dict(type='ddetr.SkipNonFiniteHook')]
 '''

@@ -9,7 +9,7 @@ preprocessor does it and zero-padded to one size, and ``img_shapes`` (N, 2) int6
 the input) and ``labels`` (N, k), k = ``test_cfg.max_per_img``. ``--op-mode onnx`` writes
 multi-scale deformable attention in standard ONNX (GridSample), which onnxruntime runs;
 ``--op-mode custom`` writes TensorRT's ``MultiscaleDeformableAttnPlugin_TRT`` node.
-See ``projects/deformable_detr/deployment.py`` and the README's Deployment section.
+See ``projects/deformable_detr/deployment.py`` and docs/deployment.md.
 """
 import argparse
 import os

@@ -2,7 +2,7 @@
 # (DETR's recipe): flip, then either a random short side in 480..800, or a
 # random resize + random crop + random short side in 480..800.
 # mmdet's CocoDataset and CocoMetric, checked for broken files and annotations (strict=False:
-# skipped with a warning; see the README's 'Broken data sets')
+# skipped with a warning; see docs/datasets.md)
 dataset_type = 'ddetr.CocoDataset'
 data_root = 'data/coco/'
 backend_args = None

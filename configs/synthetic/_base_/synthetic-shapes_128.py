@@ -1,7 +1,7 @@
 # Synthetic shapes data set (tools/dataset_converters/synthetic_coco.py), 128x128 images,
 # and a CPU-sized runtime shared by the synthetic configs. mmdet's pipeline, CocoDataset
 # and CocoMetric (as ddetr.CocoDataset and ddetr.CocoMetric: checked for broken files and
-# annotations, see the README's 'Broken data sets'): only the class names differ from COCO.
+# annotations, see docs/datasets.md): only the class names differ from COCO.
 _base_ = '../../deformable_detr/_base_/default_runtime.py'
 
 dataset_type = 'ddetr.CocoDataset'

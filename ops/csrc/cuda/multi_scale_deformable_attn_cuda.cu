@@ -80,7 +80,7 @@ at::Tensor forward_cuda(const at::Tensor& value_in, const at::Tensor& spatial_sh
 // stable sort by row puts each row's terms together in the order of their index, and
 // each row sums its own in that order, so grad_value is the same bits on every run.
 // Costs, beside the atomic path's work: 20 bytes per term (row, weight, sorted row,
-// order) and the sort; see ops/KERNEL_NOTES.md.
+// order) and the sort; see docs/op.md.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda_deterministic(
     const Sizes& s, const at::Tensor& grad_out, const at::Tensor& value, const at::Tensor& shapes,
     const at::Tensor& starts, const at::Tensor& loc, const at::Tensor& attn) {

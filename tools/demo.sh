@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The embedded demo, on CPU in minutes: generate the synthetic shapes data set (if
 # missing), train Deformable DETR on it, test it with COCO mAP, draw its detections on
-# the val images, run demo/image_demo.py on a few of them and plot the training curve.
+# the val images, run demo/image_demo.py on a few of them, draw the deformable attention's
+# sampling points on one of them and plot the training curve.
 #
 #   bash tools/demo.sh [extra tools/train.py args, e.g. --cfg-options ...]
 #
@@ -51,6 +52,10 @@ step "image demo on a few val images (demo/image_demo.py)"
 "$PYTHON" demo/image_demo.py "$DATA/val/00000[1-8].jpg" "$CONFIG" --weights "$CKPT" \
     --out-dir "$WORK_DIR/image_demo" --device cpu
 
+step "sampling points of the deformable attention on one val image"
+"$PYTHON" tools/analysis_tools/visualize_attention.py "$CONFIG" "$CKPT" "$DATA/val/000001.jpg" \
+    --top-k 2 --pixels 64,64 --out-dir "$WORK_DIR/attention" --device cpu
+
 step "training curve"
 "$PYTHON" tools/analysis_tools/plot_convergence.py "$WORK_DIR" --labels "Deformable DETR" \
     --out "$WORK_DIR/training_curve.png"
@@ -71,3 +76,4 @@ print(f"{len(vis)} images with drawn detections in {os.path.dirname(vis[0]) if v
 PY
 echo "training curve: $WORK_DIR/training_curve.png, detections: $WORK_DIR/predictions.png"
 echo "image demo: $WORK_DIR/image_demo/vis/*.png, $WORK_DIR/image_demo/predictions.json"
+echo "attention: $WORK_DIR/attention/000001.png, $WORK_DIR/attention/attention.json"

@@ -5,11 +5,13 @@ placed around its reference point by learnt offsets, and mixes them with learnt
 weights (softmax over levels x points). The sampling itself is ``ops``' kernel.
 """
 import math
-from typing import Optional
+from collections import OrderedDict
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from ops import multi_scale_deformable_attn
 from .reference_points import offset_scale, sampling_locations
@@ -46,7 +48,24 @@ class MultiScaleDeformableAttention(nn.Module):
         self.attention_weights = nn.Linear(embed_dims, num_heads * num_levels * num_points)
         self.value_proj = nn.Linear(embed_dims, embed_dims)
         self.output_proj = nn.Linear(embed_dims, embed_dims)
+        self._sampling_hooks: 'OrderedDict[int, Callable]' = OrderedDict()
         self.init_weights()
+
+    def register_sampling_hook(self, hook: Callable[..., None]) -> RemovableHandle:
+        """Calls ``hook`` with what the op receives, on every forward.
+
+        ``hook(module, reference_points, spatial_shapes, sampling_locations,
+        attention_weights)`` sees the layer's reference points (bs, nq, levels, 2|4), the
+        levels' (h, w), and the op's locations (bs, nq, heads, levels, points, 2) and
+        weights (bs, nq, heads, levels, points); it must not modify them. This is how
+        the sampling points are drawn (:mod:`..visualization.attention`).
+
+        Returns:
+            A handle whose ``remove()`` unregisters the hook.
+        """
+        handle = RemovableHandle(self._sampling_hooks)
+        self._sampling_hooks[handle.id] = hook
+        return handle
 
     def init_weights(self) -> None:
         """The paper's init: every head starts looking in its own direction."""
@@ -100,6 +119,8 @@ class MultiScaleDeformableAttention(nn.Module):
                            self.sampling_offsets.bias * scale)
         offsets = offsets.view(bs, nq, heads, levels, points, 2)
         locations = sampling_locations(reference_points, offsets)
+        for hook in self._sampling_hooks.values():
+            hook(self, reference_points, spatial_shapes, locations, weights)
         out = multi_scale_deformable_attn(value, spatial_shapes, level_start_index,
                                           locations, weights)
         return self.output_proj(out)

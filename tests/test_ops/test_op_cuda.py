@@ -2,7 +2,7 @@
 
 mmcv's kernel comes from mmcv's own CUDA build or, where mmcv has CPU ops only, from
 its source distribution named by ``$MMCV_SDIST`` (``ops/mmcv_cuda.py``); the tests
-against it skip where neither exists. ``tools/gpu/check_op.sh`` runs this file on a GPU.
+against it skip where neither exists. ``tools/gpu/check_all.sh`` runs this file on a GPU.
 """
 import math
 
@@ -220,7 +220,7 @@ def test_bad_arguments_refused_on_cuda(make_inputs):
 def test_layout_disagreeing_with_num_keys_stays_inside_value(make_inputs):
     """Level shapes that claim more keys than ``value`` holds: on a GPU they are not read
     on the host, so the kernels bound every index by num_keys. compute-sanitizer runs
-    this case in tools/gpu/check_op.sh; here its results must be finite, and the
+    this case in tools/gpu/check_all.sh; here its results must be finite, and the
     samples that fall past num_keys contribute nothing."""
     inputs = to_device(make_inputs([(8, 8), (4, 4)], nq=40, dim=32), torch.float32)
     value = inputs['value'][:, :50].contiguous()  # 50 of the 80 keys the shapes claim

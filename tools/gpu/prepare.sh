@@ -7,8 +7,7 @@
 #     is compiled standalone there (ops/mmcv_cuda.py); for the detector check mmcv is also
 #     built there with CPU ops only;
 #   - wheels for Python 3.12 of mmengine, mmdet, pycocotools and their small dependencies.
-# Then call the device tool with carry=[".gpu"] and `bash tools/gpu/check_op.sh` or
-# `bash tools/gpu/check_detector.sh`.
+# Then, on the GPU machine with .gpu/ beside the checkout: `bash tools/gpu/check_all.sh`.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PYTHON=${PYTHON:-.venv/bin/python}

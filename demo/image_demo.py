@@ -24,6 +24,8 @@ if ROOT not in sys.path:
 import mmcv  # noqa: E402
 from mmdet.apis import DetInferencer  # noqa: E402
 
+from projects.deformable_detr.config_file import load_config  # noqa: E402
+
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
 
 
@@ -60,11 +62,11 @@ def image_paths(inputs: str) -> list:
 
 def main() -> None:
     args = parse_args()
-    for name, path in (('config', args.config), ('--weights', args.weights)):
-        if not osp.isfile(path):
-            raise SystemExit(f'{name} {path!r} is not a file')
+    cfg = load_config(args.config, needs=('model',))
+    if not osp.isfile(args.weights):
+        raise SystemExit(f'--weights {args.weights!r} is not a file')
     paths = image_paths(args.inputs)
-    inferencer = DetInferencer(model=args.config, weights=args.weights, device=args.device)
+    inferencer = DetInferencer(model=cfg, weights=args.weights, device=args.device)
     classes = inferencer.model.dataset_meta.get('classes', ())
     result = inferencer(paths, batch_size=args.batch_size, return_vis=True, no_save_vis=True,
                         show=args.show, pred_score_thr=args.score_thr)

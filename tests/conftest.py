@@ -43,3 +43,50 @@ def _run_tool(args: Sequence[str], env: Optional[Dict[str, str]] = None, check: 
 def run_tool() -> Callable[..., subprocess.CompletedProcess]:
     """Runs a tool's command line in a subprocess: see :func:`_run_tool`."""
     return _run_tool
+
+
+def _assert_same_detections(boxes, scores, labels, expected_boxes, expected_scores,
+                            expected_labels, score_tol: float, box_tol: float) -> None:
+    """Two sets of detections of one image are the same, matched one to one.
+
+    Detections sorted by score swap places where two scores are nearly tied, so they are
+    not compared position by position: a minimum-cost one-to-one matching (Hungarian, on
+    the box difference) pairs each detection with one of the other set, and every pair
+    must have the same label, scores within ``score_tol`` and boxes within ``box_tol``.
+
+    Args:
+        boxes, scores, labels: The detections (array-likes: (n, 4), (n,), (n,)).
+        expected_boxes, expected_scores, expected_labels: The reference detections.
+        score_tol: The largest score difference of a pair.
+        box_tol: The largest box coordinate difference of a pair, in pixels.
+    """
+    import numpy as np
+    from scipy.optimize import linear_sum_assignment
+    boxes, scores, labels, expected_boxes, expected_scores, expected_labels = (
+        np.asarray(a, dtype=np.float64) for a in (boxes, scores, labels, expected_boxes,
+                                                  expected_scores, expected_labels))
+    assert len(scores) == len(expected_scores), (len(scores), len(expected_scores))
+    box_diff = np.abs(boxes[:, None] - expected_boxes[None]).max(-1)
+    score_diff = np.abs(scores[:, None] - expected_scores[None])
+    fits = (labels[:, None] == expected_labels[None]) & (score_diff <= score_tol) \
+        & (box_diff <= box_tol)
+    # pairs that do not fit cost more than any matching of fitting pairs: the matching
+    # found has a pair that does not fit only if no complete matching of fitting pairs
+    # exists
+    penalty = 1 + len(scores) * (box_tol + score_tol)
+    cost = np.where(fits, box_diff + score_diff, penalty)
+    rows, cols = linear_sum_assignment(cost)
+    bad = [(int(i), int(j)) for i, j in zip(rows, cols) if not fits[i, j]]
+    assert not bad, (
+        f'{len(bad)} of {len(scores)} detections have no counterpart; the first, '
+        f'{bad[0][0]} (label {labels[bad[0][0]]:g}, score {scores[bad[0][0]]:.6f}, box '
+        f'{boxes[bad[0][0]]}), is closest to {bad[0][1]} (label '
+        f'{expected_labels[bad[0][1]]:g}, score {expected_scores[bad[0][1]]:.6f}, box '
+        f'{expected_boxes[bad[0][1]]})')
+
+
+@pytest.fixture(scope='session')
+def assert_same_detections() -> Callable[..., None]:
+    """Checks two sets of detections, matched one to one: see
+    :func:`_assert_same_detections`."""
+    return _assert_same_detections

@@ -19,6 +19,7 @@ from mmengine.runner import Runner  # noqa: E402
 
 # safe_checkpoint: MMEngine checkpoints load under torch>=2.6
 import projects.deformable_detr.safe_checkpoint  # noqa: E402,F401
+from projects.deformable_detr.config_file import TEST_KEYS, load_config  # noqa: E402
 from projects.deformable_detr.engine import (close_distributed, run_main,  # noqa: E402
                                              setup_cpu_distributed)
 
@@ -86,10 +87,8 @@ def enable_tta(cfg: Config) -> None:
 
 def main() -> None:
     args = parse_args()
-    cfg = Config.fromfile(args.config)
+    cfg = load_config(args.config, args.cfg_options, needs=TEST_KEYS)
     cfg.launcher = args.launcher
-    if args.cfg_options is not None:
-        cfg.merge_from_dict(args.cfg_options)
     if args.work_dir is not None:
         cfg.work_dir = args.work_dir
     elif cfg.get('work_dir') is None:

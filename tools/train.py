@@ -11,12 +11,13 @@ import sys
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))  # the checkout's packages
 
-from mmengine.config import Config, DictAction  # noqa: E402
+from mmengine.config import DictAction  # noqa: E402
 from mmengine.registry import RUNNERS  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
 
 # safe_checkpoint: MMEngine checkpoints load under torch>=2.6 (--resume)
 import projects.deformable_detr.safe_checkpoint  # noqa: E402,F401
+from projects.deformable_detr.config_file import TRAIN_KEYS, load_config  # noqa: E402
 from projects.deformable_detr.engine import (close_distributed, run_main,  # noqa: E402
                                              setup_amp, setup_cpu_distributed)
 from projects.deformable_detr.resume import use_exact_resume  # noqa: E402
@@ -48,10 +49,8 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    cfg = Config.fromfile(args.config)
+    cfg = load_config(args.config, args.cfg_options, needs=TRAIN_KEYS)
     cfg.launcher = args.launcher
-    if args.cfg_options is not None:
-        cfg.merge_from_dict(args.cfg_options)
 
     # work_dir: command line > config > ./work_dirs/CONFIG_NAME
     if args.work_dir is not None:

@@ -3,8 +3,10 @@
 import numpy as np
 import pytest
 import torch
+from mmcv.transforms import Compose
 from mmdet.apis import inference_detector, init_detector
 from mmdet.registry import MODELS
+from mmdet.utils import get_test_pipeline_cfg
 from mmengine.config import Config
 from mmengine.optim import build_optim_wrapper
 from mmengine.registry import init_default_scope
@@ -22,7 +24,21 @@ def test_init_detector_and_inference_detector(config_path):
     pred = result.pred_instances
     assert len(pred) == 100 and pred.bboxes.shape == (100, 4)
     assert result.img_shape == (96, 160) and result.ori_shape == (120, 200)
-    # Boxes are rescaled to the original image.
+    # Boxes are rescaled to the original image: they are the boxes predicted on the resized
+    # image, divided by its scale factor (0.8)
+    assert result.scale_factor == pytest.approx((0.8, 0.8))
+    pipeline = get_test_pipeline_cfg(cfg)
+    pipeline[0].type = 'mmdet.LoadImageFromNDArray'
+    data = Compose(pipeline)(dict(img=image, img_id=0))
+    data = model.data_preprocessor(dict(inputs=[data['inputs']],
+                                        data_samples=[data['data_samples']]), False)
+    with torch.no_grad():
+        (plain, ) = model.predict(data['inputs'], data['data_samples'], rescale=False)
+    torch.testing.assert_close(pred.scores, plain.pred_instances.scores)
+    # the same numbers, each divided once: float32 rounding of one division
+    torch.testing.assert_close(
+        pred.bboxes, plain.pred_instances.bboxes / pred.bboxes.new_tensor([0.8] * 4),
+        rtol=2 * torch.finfo(torch.float32).eps, atol=0)
     assert pred.bboxes[:, 0::2].max() <= 200 + 1e-3 and pred.bboxes[:, 1::2].max() <= 120 + 1e-3
     assert ((pred.scores >= 0) & (pred.scores <= 1)).all() and pred.labels.max() < 80
 

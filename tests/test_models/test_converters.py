@@ -8,9 +8,27 @@ import torch
 from mmdet.registry import MODELS
 from mmengine.registry import init_default_scope
 
-from projects.deformable_detr.converters import COCO_IDS, mmdet_to_ours, official_to_ours
+from projects.deformable_detr import converters
+from projects.deformable_detr.converters import mmdet_to_ours, official_to_ours
 
 pytestmark = [pytest.mark.usefixtures('one_thread'), pytest.mark.numerics]
+
+# The official model's classifier rows are COCO category ids 1..90 (row 0 unused); COCO
+# 2017 leaves 10 of them without a category (the test's own list, not the converter's).
+UNUSED_COCO_IDS = (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)
+COCO_IDS = [i for i in range(1, 91) if i not in UNUSED_COCO_IDS]
+# Spot checks of the order, by name: (mmdet CocoDataset label, its COCO category id).
+COCO_NAMED_IDS = {'person': 1, 'stop sign': 13, 'backpack': 27, 'dining table': 67,
+                  'tv': 72, 'toothbrush': 90}
+
+
+def test_coco_ids_are_cocos_category_ids():
+    from mmdet.datasets import CocoDataset
+    classes = CocoDataset.METAINFO['classes']
+    assert len(COCO_IDS) == len(classes) == 80
+    for name, category_id in COCO_NAMED_IDS.items():
+        assert COCO_IDS[classes.index(name)] == category_id, name
+    assert converters.COCO_IDS == COCO_IDS
 
 
 # -- mmdet -> ours ----------------------------------------------------------------
@@ -305,3 +323,94 @@ def test_official_two_stage_with_a_shared_classifier_keeps_all_classes(small_mod
     with pytest.raises(ValueError, match='shares one classifier.*--keep-classes'):
         official_to_ours(official)
     MODELS.build(cfg).load_state_dict(official_to_ours(official, class_ids=None), strict=True)
+
+
+# The official code's layers, written from its definitions (models/deformable_transformer.py
+# and models/ops/modules/ms_deform_attn.py of fundamentalvision/Deformable-DETR), on its own
+# parameter names: the converter's output must compute what these compute on its input.
+# (The round trip above cannot see a mix-up that the converter and to_official share.)
+
+def _official_linear(sd, name, x):
+    return torch.nn.functional.linear(x, sd[name + '.weight'], sd[name + '.bias'])
+
+
+def _official_norm(sd, name, x):
+    return torch.nn.functional.layer_norm(x, x.shape[-1:], sd[name + '.weight'],
+                                          sd[name + '.bias'])
+
+
+def _official_ms_deform_attn(sd, name, query, reference_points, input_flatten, shapes,
+                             start_index, heads, levels, points):
+    """MSDeformAttn.forward, 2-d reference points, no padding."""
+    from ops import multi_scale_deformable_attn_pytorch
+    n, len_q, dims = query.shape
+    value = _official_linear(sd, name + '.value_proj', input_flatten)
+    value = value.view(n, input_flatten.shape[1], heads, dims // heads)
+    offsets = _official_linear(sd, name + '.sampling_offsets', query).view(
+        n, len_q, heads, levels, points, 2)
+    weights = _official_linear(sd, name + '.attention_weights', query).view(
+        n, len_q, heads, levels * points).softmax(-1).view(n, len_q, heads, levels, points)
+    normalizer = torch.stack([shapes[..., 1], shapes[..., 0]], -1)
+    locations = reference_points[:, :, None, :, None, :] \
+        + offsets / normalizer[None, None, None, :, None, :]
+    out = multi_scale_deformable_attn_pytorch(value, shapes, start_index, locations, weights)
+    return _official_linear(sd, name + '.output_proj', out)
+
+
+def _official_ffn(sd, prefix, x, norm):
+    hidden = torch.relu(_official_linear(sd, prefix + 'linear1', x))
+    return _official_norm(sd, prefix + norm, x + _official_linear(sd, prefix + 'linear2', hidden))
+
+
+def test_official_layers_compute_what_the_converted_ones_do(small_model_cfg):
+    init_default_scope('mmdet')
+    cfg = variant_cfg('refine', small_model_cfg)
+    official = to_official(perturbed_model(cfg, seed=2).state_dict(), cfg,
+                           torch.Generator().manual_seed(2))
+    model = MODELS.build(cfg)
+    model.load_state_dict(official_to_ours(official), strict=True)
+    model.eval()
+    layer = model.encoder.layers[0]
+    heads, levels, points = (layer.self_attn.num_heads, layer.self_attn.num_levels,
+                             layer.self_attn.num_points)
+    dims = model.embed_dims
+    gen = torch.Generator().manual_seed(0)
+    shapes = torch.tensor([[6, 5], [3, 3], [2, 2], [1, 1]][:levels])
+    start_index = torch.cat([shapes.new_zeros(1), shapes.prod(1).cumsum(0)[:-1]])
+    keys = int(shapes.prod(1).sum())
+    src, pos = torch.randn(2, keys, dims, generator=gen), torch.randn(2, keys, dims, generator=gen)
+    refs = torch.rand(2, keys, levels, 2, generator=gen)
+    tgt, query_pos = (torch.randn(2, 7, dims, generator=gen) for _ in range(2))
+    query_refs = torch.rand(2, 7, levels, 2, generator=gen)
+    attn = dict(heads=heads, levels=levels, points=points)
+    with torch.no_grad():
+        # DeformableTransformerEncoderLayer.forward
+        e = 'transformer.encoder.layers.0.'
+        x = _official_ms_deform_attn(official, e + 'self_attn', src + pos, refs, src, shapes,
+                                     start_index, **attn)
+        x = _official_norm(official, e + 'norm1', src + x)
+        expected_enc = _official_ffn(official, e, x, 'norm2')
+        ours_enc = layer(src, pos, refs, shapes, start_index, None)
+
+        # DeformableTransformerDecoderLayer.forward
+        d = 'transformer.decoder.layers.0.'
+        q = tgt + query_pos
+        x = torch.nn.functional.multi_head_attention_forward(
+            q.transpose(0, 1), q.transpose(0, 1), tgt.transpose(0, 1), dims, heads,
+            official[d + 'self_attn.in_proj_weight'], official[d + 'self_attn.in_proj_bias'],
+            None, None, False, 0.0, official[d + 'self_attn.out_proj.weight'],
+            official[d + 'self_attn.out_proj.bias'], training=False,
+            need_weights=False)[0].transpose(0, 1)
+        x = _official_norm(official, d + 'norm2', tgt + x)
+        y = _official_ms_deform_attn(official, d + 'cross_attn', x + query_pos, query_refs,
+                                     src, shapes, start_index, **attn)
+        x = _official_norm(official, d + 'norm1', x + y)
+        expected_dec = _official_ffn(official, d, x, 'norm3')
+        ours_dec = model.decoder.layers[0](tgt, query_pos, src, None, query_refs, shapes,
+                                           start_index)
+    # float32, the same operations in the same order but for the attention's
+    # implementation (our kernel against the grid_sample path): a few float32 roundings
+    # of sums over dims (<= 256) terms, each of magnitude ~1 after the LayerNorm
+    tol = 256 * torch.finfo(torch.float32).eps
+    torch.testing.assert_close(ours_enc, expected_enc, rtol=0, atol=tol)
+    torch.testing.assert_close(ours_dec, expected_dec, rtol=0, atol=tol)

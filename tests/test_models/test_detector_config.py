@@ -98,19 +98,85 @@ def test_reference_point_helpers():
 
 @pytest.mark.parametrize('two_stage', [False, True])
 def test_transformer_stages(model_cfg, two_stage):
-    """The four stages MMDetection names, run one by one, compose forward_transformer."""
+    """Each of the four stages MMDetection names does its own part, checked against what it
+    must compute (not against the same calls): the levels flattened in order with their
+    own positions and level embeddings; an encoder that mixes the levels; queries and
+    references from the learnt embeddings or the encoder's best proposals; a decoder
+    that starts from those references and reads the memory. Then they compose
+    forward_transformer."""
+    torch.manual_seed(0)
     model = build(model_cfg, as_two_stage=two_stage)
     model.eval()
     feats = model.extract_feat(torch.randn(2, 3, 64, 64))
+    bs, dims = 2, 128
     with torch.no_grad():
         levels = model.pre_transformer(feats)
-        assert levels['feat'].shape == (2, 8 * 8 + 4 * 4 + 2 * 2 + 1, 128)
+        shapes = [(8, 8), (4, 4), (2, 2), (1, 1)]
+        assert [tuple(f.shape[-2:]) for f in feats] == shapes
+        assert levels['spatial_shapes'].tolist() == [list(shape) for shape in shapes]
+        assert levels['level_start_index'].tolist() == [0, 64, 80, 84]
+        assert levels['feat'].shape == levels['feat_pos'].shape == (bs, 85, dims)
+        assert levels['mask'] is None
+        torch.testing.assert_close(levels['valid_ratios'], torch.ones(bs, 4, 2))
+        for lvl, ((h, w), start) in enumerate(zip(shapes, [0, 64, 80, 84])):
+            # pixel (y, x) of level lvl sits at start + y * w + x, channels last
+            torch.testing.assert_close(
+                levels['feat'][:, start:start + h * w].reshape(bs, h, w, dims),
+                feats[lvl].permute(0, 2, 3, 1), rtol=0, atol=0)
+            pos = model.positional_encoding(None, input=feats[lvl]).permute(0, 2, 3, 1)
+            # a sum of two float32 numbers: exact up to one rounding
+            torch.testing.assert_close(
+                levels['feat_pos'][:, start:start + h * w].reshape(bs, h, w, dims),
+                pos + model.level_embed[lvl])
+
         memory = model.forward_encoder(levels)
+        assert memory.shape == (bs, 85, dims)
+        # multi-scale: changing the coarsest level (its one pixel) changes the memory of
+        # the finest level's pixels
+        changed = dict(levels, feat=levels['feat'].clone())
+        changed['feat'][:, 84] += 1
+        assert (model.forward_encoder(changed)[:, :64] - memory[:, :64]).abs().amax() > 1e-3
+
         query, query_pos, refs, enc_outputs = model.pre_decoder(memory, levels)
-        assert query.shape == query_pos.shape == (2, 50, 128)
-        assert refs.shape == (2, 50, 4 if two_stage else 2)
-        assert (enc_outputs['enc_outputs_class'] is not None) == two_stage
+        assert query.shape == query_pos.shape == (bs, 50, dims)
+        if two_stage:
+            # the references are the boxes of the 50 proposals that score highest on the
+            # first class channel, best first; the queries are made from those boxes.
+            # Each reference is found among the proposals by its box (not by position in
+            # a sort, which near-tied scores could order either way).
+            scores = enc_outputs['enc_outputs_class'][..., 0]
+            proposals = enc_outputs['enc_outputs_coord']
+            assert scores.shape == (bs, 85) and refs.shape == (bs, 50, 4)
+            for b in range(bs):
+                same = (refs[b, :, None] == proposals[b, None]).all(-1)  # (50, 85)
+                assert same.any(1).all(), 'a reference is no proposal box'
+                chosen = same.float().argmax(1)
+                assert len(set(chosen.tolist())) == 50
+                left = torch.ones(85, dtype=torch.bool)
+                left[chosen] = False
+                assert scores[b, chosen].min() >= scores[b, left].max()
+                assert (scores[b, chosen][:-1] >= scores[b, chosen][1:]).all()
+            assert (query_pos[:, 1:] - query_pos[:, :1]).abs().amax() > 1e-3
+        else:
+            assert enc_outputs['enc_outputs_class'] is None
+            learnt_pos, learnt = model.query_embedding.weight.split(dims, -1)
+            torch.testing.assert_close(query, learnt.expand(bs, -1, -1), rtol=0, atol=0)
+            torch.testing.assert_close(query_pos, learnt_pos.expand(bs, -1, -1), rtol=0,
+                                       atol=0)
+            torch.testing.assert_close(refs, model.reference_points_fc(learnt_pos).sigmoid()
+                                       .expand(bs, -1, -1))
+
         hidden, references = model.forward_decoder(query, query_pos, refs, memory, levels)
-        assert hidden.shape == (3, 2, 50, 128) and len(references) == 4
+        assert hidden.shape == (3, bs, 50, dims) and len(references) == 4
+        torch.testing.assert_close(references[0], refs, rtol=0, atol=0)
+        for before, after in zip(references[:-1], references[1:]):  # box refinement
+            assert after.shape == (bs, 50, 4)
+            assert (after[..., :2] - before[..., :2]).abs().amax() > 1e-4
+        # the decoder reads the memory
+        other, _ = model.forward_decoder(query, query_pos, refs, memory.flip(1), levels)
+        assert (other - hidden).abs().amax() > 1e-3
+
         outs = model.forward_transformer(feats)
-    torch.testing.assert_close(outs['hidden_states'], hidden)
+    torch.testing.assert_close(outs['hidden_states'], hidden, rtol=0, atol=0)
+    for got, expected in zip(outs['references'], references):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)

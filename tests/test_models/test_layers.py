@@ -111,6 +111,13 @@ def test_head_init_and_predict(make_batch):
     result, = head.predict(hidden, refs, samples, rescale=True)
     assert result.bboxes.shape == (7, 4) and result.scores.shape == result.labels.shape == (7, )
     assert (result.scores[:-1] >= result.scores[1:]).all()  # sorted
+    # rescaled: the boxes in the resized image (40x60) divided by its scale factor (0.8)
+    plain, = head.predict(hidden, refs, samples, rescale=False)
+    torch.testing.assert_close(result.scores, plain.scores, rtol=0, atol=0)
+    assert samples[0].scale_factor == (0.8, 0.8)
+    # the same numbers, each divided once: float32 rounding of one division
+    torch.testing.assert_close(result.bboxes, plain.bboxes / 0.8,
+                               rtol=2 * torch.finfo(torch.float32).eps, atol=0)
     h, w = samples[0].ori_shape
     assert (result.bboxes[:, 0::2] <= w + 1e-3).all() and (result.bboxes[:, 1::2] <= h).all()
     assert result.labels.max() < 5

@@ -33,18 +33,26 @@ def test_writes_pngs_and_json(trained, run_tool, inputs):
                file=osp.join(data, 'val', images[0]))[inputs]
     expected = dict(folder=images, glob=images[:2], file=images[:1])[inputs]
     out = tmp / f'out_{inputs}'
+    # threshold 0: every detection of the model (test_cfg.max_per_img, 100 an image) is
+    # listed, so the checks below run on 100 detections of each image, whatever the scores
+    # of a model trained for two iterations
     run_tool(['demo/image_demo.py', arg, CONFIG, '--weights', ckpt, '--out-dir', str(out),
-              '--score-thr', '0.05', '--device', 'cpu'])
+              '--score-thr', '0', '--device', 'cpu'])
     assert sorted(os.listdir(out / 'vis')) == [n.replace('.jpg', '.png') for n in expected]
     records = json.loads((out / 'predictions.json').read_text())
     assert [osp.basename(r['image']) for r in records] == expected
     classes = ('circle', 'square', 'triangle', 'cross', 'star')
     for record in records:
         assert (record['height'], record['width']) == (128, 128)
+        assert len(record['detections']) == 100
+        scores = [det['score'] for det in record['detections']]
+        assert scores == sorted(scores, reverse=True) and 0 <= scores[-1] and scores[0] <= 1
         for det in record['detections']:
             x1, y1, x2, y2 = det['bbox']
             assert 0 <= x1 <= x2 <= 128 and 0 <= y1 <= y2 <= 128
-            assert det['score'] >= 0.05 and det['class_name'] == classes[det['label']]
+            assert det['class_name'] == classes[det['label']]
+        # boxes in the original image's pixels, not normalised ones
+        assert max(det['bbox'][2] for det in record['detections']) > 1
 
 
 def test_no_images_is_a_clear_error(trained, run_tool):

@@ -33,10 +33,29 @@ def test_test_dumps_predictions_and_draws_them(prediction_run):
     assert len(drawn) == 8
 
 
-def test_test_tta(tmp_path, tiny_setup, baseline_run, run_tool):
+def test_test_tta(tmp_path, tiny_setup, baseline_run, prediction_run, run_tool):
+    """--tta merges the predictions on each image and on its mirror image by NMS."""
+    out = str(tmp_path / 'tta.pkl')
     proc = run_tool(['tools/test.py', tiny_setup['config'], osp.join(baseline_run, 'iter_8.pth'),
-                     '--work-dir', str(tmp_path), '--tta'])
-    assert 'coco/bbox_mAP' in proc.stdout + proc.stderr
+                     '--work-dir', str(tmp_path), '--tta', '--out', out])
+    log = proc.stdout + proc.stderr
+    assert 'coco/bbox_mAP' in log and 'using DetTTAModel with NMS 0.5' in log
+    with open(out, 'rb') as f:
+        tta = {r['img_id']: r['pred_instances'] for r in pickle.load(f)}
+    with open(osp.join(prediction_run, 'results.pkl'), 'rb') as f:
+        plain = {r['img_id']: r['pred_instances'] for r in pickle.load(f)}
+    assert sorted(tta) == sorted(plain) and len(tta) == 8
+    differ = 0
+    for img_id, pred in tta.items():
+        # the merged set holds the best box of both passes: a score at least the plain
+        # pass's best (NMS keeps the highest-scoring box of a cluster)
+        assert pred['scores'].max() >= plain[img_id]['scores'].max()
+        same = (len(pred['bboxes']) == len(plain[img_id]['bboxes'])
+                and np.array_equal(np.asarray(pred['bboxes']),
+                                   np.asarray(plain[img_id]['bboxes'])))
+        differ += not same
+    # an ignored --tta would give the plain predictions on every image
+    assert differ >= 4, differ
 
 
 def test_amp_trains_in_bfloat16_on_cpu_and_auto_scale_lr(tmp_path, tiny_setup, baseline_run,

@@ -25,7 +25,7 @@ if ROOT not in sys.path:
 
 import torch  # noqa: E402
 from mmengine import MMLogger  # noqa: E402
-from mmengine.config import Config, DictAction  # noqa: E402
+from mmengine.config import DictAction  # noqa: E402
 from mmengine.device import get_device  # noqa: E402
 from mmengine.dist import init_dist  # noqa: E402
 from mmengine.logging import print_log  # noqa: E402
@@ -33,6 +33,7 @@ from mmengine.registry import init_default_scope  # noqa: E402
 from mmengine.runner import load_checkpoint  # noqa: E402
 
 import projects.deformable_detr.safe_checkpoint  # noqa: E402,F401
+from projects.deformable_detr.config_file import load_config  # noqa: E402
 
 
 def _sync() -> None:
@@ -128,9 +129,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    cfg = Config.fromfile(args.config)  # also imports its custom_imports
-    if args.cfg_options is not None:
-        cfg.merge_from_dict(args.cfg_options)
+    cfg = load_config(args.config, args.cfg_options)  # imports its custom_imports
     init_default_scope(cfg.get('default_scope', 'mmdet'))
     distributed = args.launcher != 'none'
     if distributed:

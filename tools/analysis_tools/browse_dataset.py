@@ -8,9 +8,10 @@ import sys
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 
-from mmengine.config import Config, DictAction  # noqa: E402
+from mmengine.config import DictAction  # noqa: E402
 from mmengine.registry import init_default_scope  # noqa: E402
 from mmengine.utils import ProgressBar  # noqa: E402
+from projects.deformable_detr.config_file import load_config  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -30,9 +31,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    cfg = Config.fromfile(args.config)  # also imports its custom_imports
-    if args.cfg_options is not None:
-        cfg.merge_from_dict(args.cfg_options)
+    cfg = load_config(args.config, args.cfg_options)  # imports its custom_imports
     init_default_scope(cfg.get('default_scope', 'mmdet'))
     import mmcv
     from mmdet.registry import DATASETS, VISUALIZERS

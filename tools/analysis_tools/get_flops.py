@@ -23,13 +23,14 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from mmengine.analysis import FlopAnalyzer, parameter_count  # noqa: E402
 from mmengine.analysis.print_helper import _format_size, complexity_stats_table  # noqa: E402
-from mmengine.config import Config, DictAction  # noqa: E402
+from mmengine.config import DictAction  # noqa: E402
 from mmengine.registry import init_default_scope  # noqa: E402
 from mmengine.runner import Runner, load_checkpoint  # noqa: E402
 from mmengine.utils import ProgressBar  # noqa: E402
 
 import projects.deformable_detr.safe_checkpoint  # noqa: E402,F401  (--checkpoint)
 from projects.deformable_detr.flops import FLOP_HANDLES  # noqa: E402
+from projects.deformable_detr.config_file import load_config  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -73,9 +74,7 @@ def fixed_shape_batch(shape: List[int]) -> dict:
 
 def main() -> None:
     args = parse_args()
-    cfg = Config.fromfile(args.config)  # also imports its custom_imports
-    if args.cfg_options is not None:
-        cfg.merge_from_dict(args.cfg_options)
+    cfg = load_config(args.config, args.cfg_options)  # imports its custom_imports
     init_default_scope(cfg.get('default_scope', 'mmdet'))
     from mmdet.registry import MODELS
     model = MODELS.build(cfg.model)

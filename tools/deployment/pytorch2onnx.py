@@ -19,11 +19,12 @@ import sys
 sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 
 import torch  # noqa: E402
-from mmengine.config import Config, DictAction  # noqa: E402
+from mmengine.config import DictAction  # noqa: E402
 
 from projects.deformable_detr.deployment import (OP_MODES, ExportError,  # noqa: E402
                                                  build_detector, check_opset, export_onnx,
                                                  load_weights)
+from projects.deformable_detr.config_file import load_config  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -56,9 +57,7 @@ def main() -> None:
         check_opset(args.opset)
     except ValueError as err:
         sys.exit(f'error: {err}')
-    cfg = Config.fromfile(args.config)  # also imports its custom_imports
-    if args.cfg_options is not None:
-        cfg.merge_from_dict(args.cfg_options)
+    cfg = load_config(args.config, args.cfg_options)  # imports its custom_imports
     try:
         detector = build_detector(cfg)
         try:

@@ -3,7 +3,9 @@
     python tools/misc/check_dataset.py CONFIG [--split train|val|test] [--decode]
 
 Prints the report that ``ddetr.CocoDataset`` logs when it loads, listing every problem,
-and exits with status 1 when there is one. ``--decode`` also decodes every image with the
+and exits with status 1 when there is one. A config, annotation file or image folder that
+cannot be used, or a set that its filters leave empty, is the error that training would
+stop with: printed on one line (``error: ...``), status 2. ``--decode`` also decodes every image with the
 pipeline's decoder (slow: the data set itself only reads headers and file ends).
 """
 import argparse
@@ -15,8 +17,10 @@ ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from mmengine.config import Config, DictAction  # noqa: E402
+from mmengine.config import DictAction  # noqa: E402
 from mmengine.registry import init_default_scope  # noqa: E402
+from projects.deformable_detr.config_file import ConfigError, load_config  # noqa: E402
+from projects.deformable_detr.datasets.input_files import DatasetError  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -37,14 +41,16 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> int:
     args = parse_args()
-    cfg = Config.fromfile(args.config)  # also imports its custom_imports
-    if args.cfg_options is not None:
-        cfg.merge_from_dict(args.cfg_options)
-    init_default_scope(cfg.get('default_scope', 'mmdet'))
     from projects.deformable_detr.datasets import check_dataset
-
-    reports = check_dataset(cfg[f'{args.split}_dataloader'].dataset, decode=args.decode,
-                            workers=args.workers, progress=True)
+    key = f'{args.split}_dataloader'
+    try:
+        cfg = load_config(args.config, args.cfg_options, needs=(key,))
+        init_default_scope(cfg.get('default_scope', 'mmdet'))
+        reports = check_dataset(cfg[key].dataset, decode=args.decode, workers=args.workers,
+                                progress=True)
+    except (ConfigError, DatasetError) as err:
+        print(f'error: {err}', file=sys.stderr)
+        return 2
     for report in reports:
         print(report.format(args.max_listed))
     if args.out:

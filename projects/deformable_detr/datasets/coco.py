@@ -9,16 +9,12 @@ import torch
 from mmcv.transforms import LoadImageFromFile
 from mmdet.datasets import CocoDataset as MMDetCocoDataset
 from mmdet.registry import DATASETS as MMDET_DATASETS
-from mmengine.fileio import get_local_path, load
 from mmengine.logging import print_log
 
 from .data_check import (DataReport, Decoder, check_annotations, check_categories,
                          check_image_files, check_images, image_name)
+from .input_files import DatasetError, check_image_folder, load_annotation_file
 from ..registry import DATASETS
-
-
-class DatasetError(ValueError):
-    """A data set that cannot be used as it is: the message holds its report."""
 
 
 @DATASETS.register_module()
@@ -71,17 +67,18 @@ class CocoDataset(MMDetCocoDataset):
             The data list of the usable images and annotations, and the report.
         """
         report = DataReport(self.ann_file)
-        with get_local_path(self.ann_file, backend_args=self.backend_args) as local_path:
-            raw = load(local_path, file_format='json')
-        if not isinstance(raw, dict) or not all(
-                isinstance(raw.get(key), list) for key in ('images', 'categories')) \
-                or not isinstance(raw.get('annotations', []), list):
-            raise DatasetError(f'{self.ann_file} is not a COCO annotation file: it needs '
-                               'lists "images", "categories" (and "annotations")')
+        raw = load_annotation_file(self.ann_file, self.backend_args)
+        if not raw['images']:
+            raise DatasetError(f'annotation file {self.ann_file} lists no images')
         annotations = raw.get('annotations', [])
         report.num_images, report.num_annotations = len(raw['images']), len(annotations)
 
         self.cat_ids = check_categories(raw['categories'], self.metainfo['classes'], report)
+        if not self.cat_ids:
+            names = [cat.get('name') for cat in raw['categories'] if isinstance(cat, dict)]
+            raise DatasetError(f'annotation file {self.ann_file}: none of the classes '
+                               f'{tuple(self.metainfo["classes"])} is one of its categories '
+                               f'{names}')
         self.cat2label = {cat_id: label for label, cat_id in enumerate(self.cat_ids)}
         images = list(check_images(raw['images'], report).values())
         anns = check_annotations(annotations, {image['id']: image for image in images},
@@ -89,6 +86,7 @@ class CocoDataset(MMDetCocoDataset):
         img_dir = self.data_prefix.get('img', '')
         backend = (self.backend_args or {}).get('backend', 'local')
         if backend == 'local' and '://' not in img_dir:
+            check_image_folder(img_dir, self.ann_file, len(images))
             files = [(image_name(image), osp.join(img_dir, image['file_name']),
                       image['width'], image['height']) for image in images]
             ok = check_image_files(files, report, decode,
@@ -114,7 +112,8 @@ class CocoDataset(MMDetCocoDataset):
         if len(self.report) and self.strict:
             raise DatasetError(f'the data set has problems and strict=True:\n{text}')
         if not data_list and self.report.num_images:
-            raise DatasetError(f'no usable image in the data set:\n{text}')
+            raise DatasetError(f'annotation file {self.ann_file}: no usable image in the '
+                               f'data set:\n{text}')
         # the mode tells the training and the test set apart (MMLogger drops repeated
         # warnings)
         if len(self.report):
@@ -129,16 +128,31 @@ class CocoDataset(MMDetCocoDataset):
 
         An image whose annotations were all unusable counts as an image without objects.
         """
+        return self.apply_filter_cfg(self.data_list)
+
+    def apply_filter_cfg(self, data_list: List[dict]) -> List[dict]:
+        """The images of ``data_list`` that ``filter_cfg`` keeps (all in test mode).
+
+        Raises:
+            DatasetError: the filters leave no image of a non-empty list.
+        """
         if self.test_mode or not self.filter_cfg:
-            return self.data_list
+            return data_list
         filter_empty_gt = self.filter_cfg.get('filter_empty_gt', False)
         min_size = self.filter_cfg.get('min_size', 0)
-        kept = [info for info in self.data_list
+        kept = [info for info in data_list
                 if (info['instances'] or not filter_empty_gt)
                 and min(info['width'], info['height']) >= min_size]
-        if len(kept) < len(self.data_list):
+        if data_list and not kept:
+            without_boxes = sum(not info['instances'] for info in data_list)
+            raise DatasetError(
+                f'annotation file {self.ann_file}: filter_cfg {dict(self.filter_cfg)} leaves '
+                f'no image of the {len(data_list)} usable ones ({without_boxes} have no usable '
+                f'box; the smallest side is {min(min(i["width"], i["height"]) for i in data_list)}'
+                ' px): nothing to train on')
+        if len(kept) < len(data_list):
             print_log(f'filter_cfg {dict(self.filter_cfg)} leaves out '
-                      f'{len(self.data_list) - len(kept)} of {len(self.data_list)} images',
+                      f'{len(data_list) - len(kept)} of {len(data_list)} images',
                       logger='current')
         return kept
 
@@ -209,6 +223,12 @@ class CocoDataset(MMDetCocoDataset):
                           f'load and is skipped ({self._mode}): {error} '
                           f'({self.num_load_failures} images of this data set have failed to '
                           'load so far)', logger='current', level=logging.WARNING)
+                if not self.test_mode and self.num_load_failures == len(self):
+                    # MMEngine would fetch other images a thousand times, then fail
+                    # naming no file
+                    raise DatasetError(
+                        f'every one of the {len(self)} images of {self.ann_file} has failed '
+                        f"to load; the last, {data_info['img_path']}: {error}")
         if results is None:
             if not self.test_mode:
                 return None
@@ -236,7 +256,13 @@ def check_dataset(cfg: dict, decode: bool = False, workers: int = 8,
         progress: Show a progress bar of the image-file checks.
 
     Returns:
-        The report of each data set found, in config order.
+        The report of each data set found, in config order; each notes how many images
+        the set's ``filter_cfg`` keeps.
+
+    Raises:
+        DatasetError: a file of a data set is missing, unreadable, empty or malformed, or
+            no image is left after the checks or the filters: the error that training
+            would stop with.
     """
     if 'datasets' in cfg:
         return [report for sub in cfg['datasets']
@@ -248,4 +274,13 @@ def check_dataset(cfg: dict, decode: bool = False, workers: int = 8,
         raise TypeError(f'the data set is a {type(dataset).__module__}.'
                         f'{type(dataset).__name__}: only ddetr.CocoDataset sets are checked '
                         "(type='ddetr.CocoDataset' takes mmdet CocoDataset's arguments)")
-    return [dataset.check(dataset.image_decoder() if decode else None, workers, progress)[1]]
+    data_list, report = dataset.check(dataset.image_decoder() if decode else None, workers,
+                                      progress)
+    if not data_list:
+        raise DatasetError(f'annotation file {dataset.ann_file}: no usable image in the data '
+                           f'set:\n{report.format()}')
+    if not dataset.test_mode and dataset.filter_cfg:
+        kept = dataset.apply_filter_cfg(data_list)
+        report.notes.append(f'filter_cfg {dict(dataset.filter_cfg)} keeps {len(kept)} of '
+                            f'{len(data_list)} usable images')
+    return [report]

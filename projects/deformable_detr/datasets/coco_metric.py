@@ -4,10 +4,10 @@ from typing import Dict, Optional, Sequence
 
 from mmdet.datasets.api_wrappers import COCO
 from mmdet.evaluation import CocoMetric as MMDetCocoMetric
-from mmengine.fileio import get_local_path, load
 from mmengine.logging import print_log
 
 from .data_check import DataReport, check_annotation, check_images
+from .input_files import load_annotation_file
 from ..registry import METRICS
 
 # Ground-truth annotations that pycocotools cannot evaluate (or crashes on): the others,
@@ -40,8 +40,7 @@ class CocoMetric(MMDetCocoMetric):
         super().__init__(ann_file=None, backend_args=backend_args, **kwargs)
         if ann_file is None:
             return
-        with get_local_path(ann_file, backend_args=backend_args) as local_path:
-            raw = load(local_path, file_format='json')
+        raw = load_annotation_file(ann_file, backend_args)
         report = DataReport(ann_file)
         report.num_images = len(raw.get('images', []))
         report.num_annotations = len(raw.get('annotations', []))

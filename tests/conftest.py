@@ -5,6 +5,7 @@ import sys
 from typing import Callable, Dict, Optional, Sequence
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL_TIMEOUT = 240  # seconds: the longest tool run of the tests takes well under a minute
@@ -43,3 +44,16 @@ def _run_tool(args: Sequence[str], env: Optional[Dict[str, str]] = None, check: 
 def run_tool() -> Callable[..., subprocess.CompletedProcess]:
     """Runs a tool's command line in a subprocess: see :func:`_run_tool`."""
     return _run_tool
+
+
+@pytest.fixture
+def one_thread():
+    """Runs a test on one intra-op thread, then restores the setting.
+
+    The tensors here are tiny: a second thread only adds synchronisation, and on a
+    busy 2-core machine OpenMP threads waiting for each other cost ~10x the work.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

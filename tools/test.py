@@ -17,10 +17,9 @@ from mmengine.config import Config, DictAction  # noqa: E402
 from mmengine.registry import RUNNERS  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
 
-# safe_checkpoint: MMEngine checkpoints load under torch>=2.6
-import projects.deformable_detr.safe_checkpoint  # noqa: E402,F401
-from projects.deformable_detr.engine import (close_distributed, run_main,  # noqa: E402
-                                             setup_cpu_distributed)
+from projects.deformable_detr.checkpoint import allow_mmengine_checkpoints  # noqa: E402
+from projects.deformable_detr.engine.launch import (close_distributed, run_main,  # noqa: E402
+                                                    setup_cpu_distributed)
 
 
 def parse_args() -> argparse.Namespace:
@@ -86,6 +85,7 @@ def enable_tta(cfg: Config) -> None:
 
 def main() -> None:
     args = parse_args()
+    allow_mmengine_checkpoints()  # MMEngine checkpoints load under torch>=2.6
     cfg = Config.fromfile(args.config)
     cfg.launcher = args.launcher
     if args.cfg_options is not None:

@@ -8,7 +8,7 @@ import torch
 from mmdet.registry import MODELS
 from mmengine.registry import init_default_scope
 
-from projects.deformable_detr.converters import COCO_IDS, mmdet_to_ours, official_to_ours
+from projects.deformable_detr.checkpoint.converters import COCO_IDS, mmdet_to_ours, official_to_ours
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 

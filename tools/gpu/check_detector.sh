@@ -11,7 +11,7 @@
 #   setup   carried wheels into /tmp/site; mmcv 2.1.0 built with CPU ops only (the GPU
 #           hidden), and at the same time ours with CUDA (sm_90) and mmcv's own
 #           multi-scale deformable attention CUDA kernel alone, which mmdet's attention
-#           layers then run (ops/mmcv_cuda.py: mmcv's full CUDA build does not fit)
+#           layers then run (tools/gpu/mmcv_cuda.py: mmcv's full CUDA build does not fit)
 #   train   training step of R50 refine + two-stage, 2 x 800x1333, ours against mmdet
 #           3.3's, float32 and fp16 autocast (bf16: ours only, mmcv has no bf16 kernel),
 #           peak memory, losses compared (benchmark_model.py)                [item 1]
@@ -64,7 +64,7 @@ if has setup; then
         FORCE_CUDA=1 "$PY" setup.py build_ext --inplace > "$OUT/build_ours.log" 2>&1 &
         jobs+=($!)
     fi
-    (cd ops && "$PY" -c "import os, mmcv_cuda; mmcv_cuda.build_mmcv_cuda(os.environ['MMCV_SDIST'])") \
+    (cd tools/gpu && "$PY" -c "import os, mmcv_cuda; mmcv_cuda.build_mmcv_cuda(os.environ['MMCV_SDIST'])") \
         > "$OUT/build_mmcv_kernel.log" 2>&1 &
     jobs+=($!)
     for j in "${jobs[@]}"; do wait "$j" || status=4; done

@@ -6,7 +6,7 @@
 #
 # Steps, each logged under $OUT (the device tool brings that folder back):
 #   1. build ours with CUDA for sm_90 and, at the same time, mmcv 2.1.0's own
-#      multi-scale deformable attention CUDA kernel alone (ops/mmcv_cuda.py);
+#      multi-scale deformable attention CUDA kernel alone (tools/gpu/mmcv_cuda.py);
 #   2. the CUDA op tests (tests/test_ops/test_op_cuda.py: against the CPU kernel in
 #      float64, mmcv in float32 and float16, half precision, CUDA graphs, inductor);
 #   3. compute-sanitizer memcheck and racecheck on forward and backward
@@ -37,7 +37,7 @@ if has build; then
     say "build: ours (FORCE_CUDA=1, arch $TORCH_CUDA_ARCH_LIST) and mmcv's kernel, in parallel"
     [[ -f $MMCV_SDIST ]] || { say "missing $MMCV_SDIST: run tools/gpu/prepare.sh here and carry .gpu"; exit 3; }
     # mmcv_cuda.py needs only torch: import it alone, not the ops package being built.
-    (cd ops && "$PY" -c "import os, mmcv_cuda; mmcv_cuda.build_mmcv_cuda(os.environ['MMCV_SDIST'], verbose=True)") \
+    (cd tools/gpu && "$PY" -c "import os, mmcv_cuda; mmcv_cuda.build_mmcv_cuda(os.environ['MMCV_SDIST'], verbose=True)") \
         > "$OUT/build_mmcv.log" 2>&1 &
     mmcv_pid=$!
     FORCE_CUDA=1 "$PY" setup.py build_ext --inplace > "$OUT/build_ours.log" 2>&1

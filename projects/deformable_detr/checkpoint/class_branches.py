@@ -1,4 +1,4 @@
-"""Fine-tuning on another class set: ``load_from`` strictly, but for the class branches.
+"""A checkpoint of another class set, fitted to the model: strict but for the class branches.
 
 A detector trained on one class set (COCO's 80, the demo's 5 shapes) starts a training
 run on another by loading every tensor of its checkpoint except the classifiers, whose
@@ -9,9 +9,9 @@ shapes follow the class count. Add the hook to the config that names the checkpo
     load_from = 'work_dirs/demo/epoch_7.pth'
     custom_hooks = [dict(type='ddetr.FineTuneHook')]
 
-:class:`FineTuneHook` adapts the checkpoint as MMEngine loads it (its
-``after_load_checkpoint`` event, before the tensors are copied into the model), with
-:func:`fit_class_branches`:
+``ddetr.FineTuneHook`` (:mod:`..engine.hooks.fine_tune_hook`) adapts the checkpoint as
+MMEngine loads it (its ``after_load_checkpoint`` event, before the tensors are copied
+into the model), with :func:`fit_class_branches`:
 
 - a class branch (``bbox_head.cls_branches.N.weight`` / ``.bias``) whose class count
   differs from the model's keeps the model's own values, i.e. its initialisation (the
@@ -27,16 +27,14 @@ Resuming (``--resume``) with the hook in the config loads strictly: a resumed ru
 the same classes. Testing or validating a checkpoint of other classes is refused: its
 class branches would be left untrained.
 """
-import logging
 import re
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
-from mmengine.hooks import Hook
-from mmengine.logging import print_log
 from torch import nn
 
-from .registry import HOOKS
+from ..models.dense_heads.deformable_detr_head import proposal_branch_index
+from .state_dict import strip_ddp_prefix
 
 CLASS_BRANCH = re.compile(r'^bbox_head\.cls_branches\.(\d+)\.(weight|bias)$')
 MOST_KEYS = 30  # keys listed in an error; more are counted
@@ -69,7 +67,7 @@ def proposal_class_branch(model: nn.Module) -> Optional[int]:
     if not getattr(model, 'as_two_stage', False):
         return None
     branches = model.bbox_head.cls_branches
-    index = model.decoder.num_layers
+    index = proposal_branch_index(model.decoder.num_layers)
     return None if branches[index] is branches[0] else index
 
 
@@ -98,7 +96,7 @@ def fit_class_branches(model: nn.Module, state_dict: Dict[str, torch.Tensor],
             False), each listed with both shapes.
     """
     own = model.state_dict()
-    names = {key: re.sub(r'^module\.', '', key) for key in state_dict}
+    names = {key: strip_ddp_prefix(key) for key in state_dict}
     theirs = set(names.values())
     missing = [k for k in own if k not in theirs]
     unexpected = [names[k] for k in state_dict if names[k] not in own]
@@ -114,100 +112,50 @@ def fit_class_branches(model: nn.Module, state_dict: Dict[str, torch.Tensor],
         if not (allow_other_classes and m and value.shape[1:] == target.shape[1:]):
             other_shapes.append(shapes)
             continue
-        fitted = target.detach().clone()
-        if int(m[1]) == proposal_branch:
-            rows = min(len(value), len(target))
-            fitted[:rows] = value[:rows]
-            lines.append(f'{shapes}: the two-stage proposal classifier: rows 0-{rows - 1} '
-                         f'loaded (row 0 is the class-agnostic proposal score)' +
-                         (f', rows {rows}-{len(target) - 1} initialised'
-                          if rows < len(target) else ''))
-        else:
-            lines.append(f'{shapes}: another class count: not loaded, initialised as '
-                         'the model initialises it')
-        fitted_values[key] = fitted
-
+        fitted_values[key], line = _fit_class_branch(value, target,
+                                                     int(m[1]) == proposal_branch)
+        lines.append(f'{shapes}: {line}')
     if missing or unexpected or other_shapes:
-        problems = []
-        if missing:
-            problems.append(f'{_count(missing, "key")} of the model missing from the '
-                            'checkpoint:' + _listing(missing))
-            if all(re.match(r'^neck\.(convs|extra_convs)\.\d+\.conv\.bias$', k)
-                   for k in missing):
-                problems.append('(the neck conv biases only: an mmdet checkpoint? Convert '
-                                'it with tools/model_converters/mmdet_to_ours.py)')
-        if unexpected:
-            problems.append(f'{_count(unexpected, "key")} of the checkpoint the model does '
-                            'not have:' + _listing(unexpected))
-        if other_shapes:
-            why = ('' if allow_other_classes else
-                   ' (class branches of another class count are refused too: resuming, '
-                   'or a model not initialised for training)')
-            problems.append(f'{_count(other_shapes, "tensor")} of the checkpoint with other '
-                            f'shapes than the model\'s{why}:' + _listing(other_shapes))
-        raise CheckpointMismatchError('the checkpoint does not fit the model:\n' +
-                                      '\n'.join(problems))
+        raise CheckpointMismatchError(_mismatch_report(missing, unexpected, other_shapes,
+                                                       allow_other_classes))
     state_dict.update(fitted_values)
     return lines
 
 
-@HOOKS.register_module()
-class FineTuneHook(Hook):
-    """Loads ``load_from`` for fine-tuning on another class set: see the module doc.
-
-    Strict: a key missing on either side or a tensor of another shape is a
-    :class:`CheckpointMismatchError` listing them, except the class branches (and only
-    their class dimension), which keep the model's initialisation when training starts
-    from a checkpoint of another class count; the log names each, with both shapes.
-    """
-    priority = 'VERY_HIGH'  # before other hooks read the checkpoint
-
-    def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
-        if not isinstance(checkpoint, dict):
-            raise CheckpointMismatchError(f'a checkpoint must be a dict, got '
-                                          f'{type(checkpoint).__name__}')
-        if 'state_dict' not in checkpoint and isinstance(checkpoint.get('model'), dict):
-            raise CheckpointMismatchError(
-                'this looks like an official Deformable-DETR checkpoint (a "model" entry): '
-                'convert it first with tools/model_converters/official_to_ours.py')
-        state_dict = checkpoint.get('state_dict', checkpoint)
-        model = getattr(runner.model, 'module', runner.model)
-        # Resuming continues the same run; an uninitialised model (test, val) would keep
-        # random class branches: neither may replace any tensor.
-        fine_tuning = not getattr(runner, '_resume', False) and getattr(model, 'is_init',
-                                                                        False)
-        lines = fit_class_branches(model, state_dict, allow_other_classes=fine_tuning)
-        old_classes = _classes((checkpoint.get('meta') or {}).get('dataset_meta'))
-        new_classes = _classes(_train_metainfo(runner)) if fine_tuning else None
-        if not lines:
-            print_log('FineTuneHook: the checkpoint fits the model: every tensor loaded',
-                      logger='current')
-            if old_classes and new_classes and old_classes != new_classes:
-                print_log(f'FineTuneHook: the checkpoint was trained on other classes '
-                          f'({", ".join(old_classes)}) than the data set\'s '
-                          f'({", ".join(new_classes)}), as many: its class branches are '
-                          'loaded as they are (class i of the checkpoint starts class i)',
-                          logger='current', level=logging.WARNING)
-            return
-        change = ' '.join(filter(None, [
-            f'from {len(old_classes)} classes ({", ".join(old_classes)})' if old_classes else '',
-            f'to {len(new_classes)} ({", ".join(new_classes)})' if new_classes else '']))
-        print_log(f'FineTuneHook: {change + ": " if change else ""}{len(lines)} class-branch '
-                  'tensors of the checkpoint have another class count; every other tensor '
-                  'is loaded:\n  ' + '\n  '.join(lines), logger='current',
-                  level=logging.WARNING)
+def _fit_class_branch(value: torch.Tensor, target: torch.Tensor,
+                      proposal: bool) -> Tuple[torch.Tensor, str]:
+    """The model's class-branch tensor ``target`` with what it keeps of the checkpoint's
+    ``value``, and a line saying what was done."""
+    fitted = target.detach().clone()
+    if not proposal:
+        return fitted, 'another class count: not loaded, initialised as the model ' \
+            'initialises it'
+    rows = min(len(value), len(target))
+    fitted[:rows] = value[:rows]
+    line = (f'the two-stage proposal classifier: rows 0-{rows - 1} loaded (row 0 is the '
+            'class-agnostic proposal score)' +
+            (f', rows {rows}-{len(target) - 1} initialised' if rows < len(target) else ''))
+    return fitted, line
 
 
-def _classes(metainfo: Optional[dict]) -> Optional[List[str]]:
-    """The class names of a data set's metainfo, if it has them."""
-    classes = (metainfo or {}).get('classes') if isinstance(metainfo, dict) else None
-    return [str(c) for c in classes] if classes else None
-
-
-def _train_metainfo(runner) -> Optional[dict]:
-    """The training set's metainfo, or None. Only called when training: then the
-    train loop and its data loader are built before the checkpoint is loaded."""
-    try:
-        return runner.train_dataloader.dataset.metainfo
-    except AttributeError:  # a data set without metainfo: the names are only for the log
-        return None
+def _mismatch_report(missing: Sequence[str], unexpected: Sequence[str],
+                     other_shapes: Sequence[str], allow_other_classes: bool) -> str:
+    """The message of a :class:`CheckpointMismatchError`: every problem, listed."""
+    problems = []
+    if missing:
+        problems.append(f'{_count(missing, "key")} of the model missing from the '
+                        'checkpoint:' + _listing(missing))
+        if all(re.match(r'^neck\.(convs|extra_convs)\.\d+\.conv\.bias$', k)
+               for k in missing):
+            problems.append('(the neck conv biases only: an mmdet checkpoint? Convert '
+                            'it with tools/model_converters/mmdet_to_ours.py)')
+    if unexpected:
+        problems.append(f'{_count(unexpected, "key")} of the checkpoint the model does '
+                        'not have:' + _listing(unexpected))
+    if other_shapes:
+        why = ('' if allow_other_classes else
+               ' (class branches of another class count are refused too: resuming, '
+               'or a model not initialised for training)')
+        problems.append(f'{_count(other_shapes, "tensor")} of the checkpoint with other '
+                        f'shapes than the model\'s{why}:' + _listing(other_shapes))
+    return 'the checkpoint does not fit the model:\n' + '\n'.join(problems)

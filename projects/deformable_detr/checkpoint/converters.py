@@ -14,13 +14,15 @@
   by category: see :func:`official_to_ours`.
 
 The command lines are ``tools/model_converters/{mmdet,official}_to_ours.py``; they load
-their input with :func:`.safe_checkpoint.load_local_checkpoint`.
+their input with :func:`.safe_load.load_local_checkpoint`.
 """
 import re
 from collections import OrderedDict
 from typing import Dict, Optional, Sequence
 
 import torch
+
+from ..models.dense_heads.deformable_detr_head import proposal_branch_index
 
 # COCO category ids of CocoDataset's 80 classes, in label order.
 COCO_IDS = [
@@ -166,19 +168,10 @@ def official_to_ours(model: Dict[str, torch.Tensor],
     out, unexpected = OrderedDict(), []
     for key, value in model.items():
         if OFFICIAL_ALIASES.match(key):
-            own = key[len('transformer.decoder.'):]
-            if own not in model or not torch.equal(model[own], value):
-                raise ValueError(f'{key} is not a copy of {own}: not a checkpoint this '
-                                 'converter understands')
+            _check_alias(model, key, value)
             continue
-        if OFFICIAL_INPUT_PROJ.match(key):
-            out[_neck_key(key, num_backbone_levels)] = value
-            continue
-        for pattern, repl in OFFICIAL_RENAMES:
-            new, n = re.subn('^' + pattern, repl, key)
-            if n:
-                break
-        else:
+        new = _our_key(key, num_backbone_levels)
+        if new is None:
             unexpected.append(key)
             continue
         if new.startswith('bbox_head.cls_branches.') and class_ids is not None:
@@ -195,6 +188,25 @@ def official_to_ours(model: Dict[str, torch.Tensor],
     return out
 
 
+def _check_alias(model: Dict[str, torch.Tensor], key: str, value: torch.Tensor) -> None:
+    """Refuses a decoder alias of a head branch that is not a copy of the branch."""
+    own = key[len('transformer.decoder.'):]
+    if own not in model or not torch.equal(model[own], value):
+        raise ValueError(f'{key} is not a copy of {own}: not a checkpoint this '
+                         'converter understands')
+
+
+def _our_key(key: str, num_backbone_levels: int) -> Optional[str]:
+    """Our name of the official ``key``, or None if no rule knows it."""
+    if OFFICIAL_INPUT_PROJ.match(key):
+        return _neck_key(key, num_backbone_levels)
+    for pattern, repl in OFFICIAL_RENAMES:
+        new, n = re.subn('^' + pattern, repl, key)
+        if n:
+            return new
+    return None
+
+
 def _encoder_class_branch(model: Dict[str, torch.Tensor]) -> Optional[int]:
     """Index of the two-stage model's proposal classifier in ``class_embed``, else None.
 
@@ -205,7 +217,7 @@ def _encoder_class_branch(model: Dict[str, torch.Tensor]) -> Optional[int]:
         return None
     layers = {int(m[1]) for k in model
               if (m := re.match(r'^transformer\.decoder\.layers\.(\d+)\.', k))}
-    return len(layers)
+    return proposal_branch_index(len(layers))
 
 
 def _class_rows(key: str, value: torch.Tensor, class_ids: Sequence[int],

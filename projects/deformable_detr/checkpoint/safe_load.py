@@ -18,31 +18,23 @@ mmdet's checkpoints are MMEngine checkpoints. The official Deformable-DETR relea
 :func:`allow_mmengine_checkpoints` allow-lists exactly these; ``builtins.getattr`` is
 bound to a function that resolves methods of ``HistoryBuffer`` and nothing else. The
 ``weights_only`` safety stays on: a checkpoint holding any other object is refused with
-an ``UnpicklingError`` that names the objects and says what to do. The module calls it
-on import, so importing ``projects.deformable_detr`` is enough; calling it again is
-harmless.
+an ``UnpicklingError`` that names the objects and says what to do. Nothing is installed
+on import: ``tools/train.py``, ``tools/test.py`` and the other tools that load
+checkpoints call it, and so must a script that loads one of our checkpoints through
+MMEngine (``init_detector``, ``DetInferencer``); calling it again is harmless.
 
 A file that is no checkpoint at all (truncated by a crash, empty, a text or an image)
 is refused with one :class:`CheckpointError` that names it, for ``--resume``,
 ``load_from``, ``tools/test.py`` and the converters alike.
-
-Writing: :func:`atomic_write` writes a file so that a process killed at any moment
-leaves either the old file or the complete new one; MMEngine's file backend
-``ATOMIC_BACKEND`` (``'ddetr_atomic_local'``) writes local files with it, and
-``ddetr.CheckpointHook`` (:mod:`.resume`) saves checkpoints through it.
 """
 import argparse
-import glob
-import os
 import os.path as osp
 import pickle
 import zipfile
-from pathlib import Path
 from typing import Any, Callable, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
-from mmengine.fileio import LocalBackend, register_backend
 from mmengine.logging import HistoryBuffer
 from mmengine.runner.checkpoint import CheckpointLoader
 
@@ -159,7 +151,7 @@ def load_local_checkpoint(filename: str, map_location: Any = None) -> Any:
         raise pickle.UnpicklingError(
             f'Refused to load {filename}: it holds objects that are neither tensors nor '
             'the types of MMEngine or official Deformable-DETR checkpoints (allow-listed by '
-            f'projects.deformable_detr.safe_checkpoint), and unpickling them could run '
+            f'projects.deformable_detr.checkpoint.safe_load), and unpickling them could run '
             f'code.{listed} Inspect it with torch.serialization.'
             'get_unsafe_globals_in_checkpoint(path). If you trust its source, allow those '
             'types with torch.serialization.add_safe_globals([...]) before loading, or '
@@ -167,95 +159,12 @@ def load_local_checkpoint(filename: str, map_location: Any = None) -> Any:
             f'torch says: {err}') from err
 
 
-ATOMIC_BACKEND = 'ddetr_atomic_local'
-_PARTIAL = '.partial-'  # .NAME.partial-PID: a file being written by process PID
-
-
-def atomic_write(path: Union[str, Path], data: bytes) -> None:
-    """Writes ``data`` to ``path`` so that a crash at any moment leaves either the
-    previous file or the complete new one.
-
-    The bytes go to ``.NAME.partial-PID`` in the same directory, are synced to disk,
-    and the file is renamed over ``path`` (atomic on POSIX and Windows); then the
-    directory is synced, so that the rename survives a power loss too.
-
-    Args:
-        path: The file to write.
-        data: Its new contents.
-    """
-    path = osp.abspath(str(path))
-    folder = osp.dirname(path)
-    os.makedirs(folder, exist_ok=True)
-    partial = osp.join(folder, f'.{osp.basename(path)}{_PARTIAL}{os.getpid()}')
-    try:
-        with open(partial, 'wb') as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(partial, path)
-    except BaseException:
-        if osp.exists(partial):
-            os.remove(partial)
-        raise
-    try:
-        folder_fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # a directory can not be opened on Windows
-        return
-    try:
-        os.fsync(folder_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(folder_fd)
-
-
-def remove_stale_partial_files(folder: str) -> List[str]:
-    """Removes the partial files that killed processes left in ``folder``.
-
-    Returns:
-        The paths removed (those whose writing process no longer runs).
-    """
-    removed = []
-    for path in glob.glob(osp.join(glob.escape(folder), f'.*{_PARTIAL}*')):
-        pid = path.rsplit(_PARTIAL, 1)[1]
-        if pid.isdigit() and not _running(int(pid)):
-            os.remove(path)
-            removed.append(path)
-    return removed
-
-
-def _running(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # it runs, as another user's
-        return True
-    return True
-
-
-class AtomicLocalBackend(LocalBackend):
-    """MMEngine's local file backend, writing with :func:`atomic_write`."""
-
-    def put(self, obj: bytes, filepath: Union[str, Path]) -> None:
-        atomic_write(filepath, obj)
-
-    def put_text(self, obj: str, filepath: Union[str, Path], encoding: str = 'utf-8') -> None:
-        atomic_write(filepath, obj.encode(encoding))
-
-
 def allow_mmengine_checkpoints() -> None:
-    """Allow-lists the types of our checkpoints, installs the local loader and registers
-    the atomic file backend.
+    """Allow-lists the types of our checkpoints and installs the local loader.
 
-    Idempotent: torch keeps the allow-list in a set, and the loader replaces
-    MMEngine's ``''`` (local path) scheme by the same function each time.
+    The checkpoint safety of this package: the tools call it before anything loads a
+    checkpoint. Idempotent: torch keeps the allow-list in a set, and the loader
+    replaces MMEngine's ``''`` (local path) scheme by the same function each time.
     """
     torch.serialization.add_safe_globals(safe_globals())
     CheckpointLoader.register_scheme(prefixes='', loader=load_local_checkpoint, force=True)
-    register_backend(ATOMIC_BACKEND, AtomicLocalBackend, force=True)
-
-
-allow_mmengine_checkpoints()

@@ -1,8 +1,6 @@
-"""Deployment: the detector as one end-to-end graph, for torch.export and ONNX.
+"""torch.export and ONNX export of the end-to-end detector (:mod:`.end2end`).
 
-:class:`End2EndDetector` runs a :class:`~.DeformableDETR` from a normalised image batch to
-its top-k detections, top-k included (as mmdeploy's end-to-end detectors do), so that a
-runtime needs no Python around it. :func:`export_onnx` writes it as ONNX, with the
+:func:`export_onnx` writes :class:`~.end2end.End2EndDetector` as ONNX, with the
 multi-scale deformable attention op expressed either in standard ONNX (onnxruntime runs
 it anywhere) or as TensorRT's plugin node (:mod:`ops.onnx`).
 
@@ -18,197 +16,18 @@ this module imports them when it exports.
 import functools
 import os
 import re
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import sympy
 import torch
-from mmengine.config import Config
-from mmengine.registry import init_default_scope
-from mmengine.runner import load_checkpoint
-from torch import Tensor, nn
+from torch import nn
 
-from . import safe_checkpoint  # noqa: F401  (MMEngine checkpoints under torch >= 2.6)
-from .deformable_detr import DeformableDETR
-from .transformer import flatten_levels
+from ..models.detectors.deformable_detr import DeformableDETR
+from .end2end import End2EndDetector, ExportError, example_inputs
 
 OP_MODES = ('onnx', 'custom')
 INPUT_NAMES = ('input', 'img_shapes')
 OUTPUT_NAMES = ('dets', 'labels')
-
-
-class ExportError(RuntimeError):
-    """A model, or a piece of it, that cannot be exported; the message names the piece."""
-
-
-# ----------------------------------------------------------------------------------
-# The end-to-end graph
-# ----------------------------------------------------------------------------------
-
-
-def padding_masks(img_shapes: Tensor, batch_shape: Sequence[int],
-                  feat_shapes: Sequence[Sequence[int]]) -> List[Tensor]:
-    """Per-level padding masks (True = padded) of images given as a tensor of sizes.
-
-    The model's own masks (:func:`~.transformer.padding_masks`) come from Python sizes
-    and are resized with ``F.interpolate(mode='nearest')``. Here the sizes are an input
-    of the graph, and the resize is written out with the index rule of that
-    interpolation (source index ``floor(i * float(in / out))``, in float32), so that
-    ONNX computes exactly the same masks: its ``Resize`` would divide by ``out / in``
-    instead and may round the other way at a boundary.
-
-    Args:
-        img_shapes: (bs, 2) int (h, w) of every image, top-left in the batch.
-        batch_shape: (H, W) of the padded batch.
-        feat_shapes: (h, w) of every feature level.
-
-    Returns:
-        One (bs, h, w) bool mask per level.
-    """
-    height, width = batch_shape
-    rows = torch.arange(height, device=img_shapes.device)
-    cols = torch.arange(width, device=img_shapes.device)
-    mask = ((rows[None, :, None] >= img_shapes[:, 0, None, None]) |
-            (cols[None, None, :] >= img_shapes[:, 1, None, None]))
-    masks = []
-    for h, w in feat_shapes:
-        mask_l = mask.index_select(1, _nearest_index(h, height, img_shapes.device))
-        masks.append(mask_l.index_select(2, _nearest_index(w, width, img_shapes.device)))
-    return masks
-
-
-def _nearest_index(out_size: int, in_size: int, device: torch.device) -> Tensor:
-    """Source indices of ``F.interpolate(mode='nearest')`` from ``in_size`` to ``out_size``."""
-    scale = (torch.full((), in_size, dtype=torch.float32, device=device) /
-             torch.full((), out_size, dtype=torch.float32, device=device))
-    index = torch.arange(out_size, dtype=torch.float32, device=device) * scale
-    return index.floor().long().clamp(max=in_size - 1)
-
-
-def top_detections(cls_logits: Tensor, boxes: Tensor, img_shapes: Tensor,
-                   max_per_img: int) -> Tuple[Tensor, Tensor]:
-    """The head's prediction rule (:meth:`~.DeformableDETRHead.predict_single`), batched.
-
-    Args:
-        cls_logits: (bs, nq, num_classes) of the last decoder layer.
-        boxes: (bs, nq, 4) normalised (cx, cy, w, h).
-        img_shapes: (bs, 2) (h, w) of every image, the frame of the boxes.
-        max_per_img: Detections kept per image (fewer when there are fewer
-            (query, class) pairs).
-
-    Returns:
-        dets (bs, k, 5): (x1, y1, x2, y2) in pixels of the input image, clipped to the
-        image, and the score; labels (bs, k) int64. Sorted by score.
-    """
-    num_classes = cls_logits.shape[-1]
-    k = min(max_per_img, cls_logits.shape[1] * num_classes)
-    scores, index = cls_logits.sigmoid().flatten(1).topk(k, dim=1)
-    labels = index % num_classes
-    boxes = boxes.gather(1, (index // num_classes)[..., None].expand(-1, -1, 4))
-    centre, size = boxes[..., :2], boxes[..., 2:]
-    wh = img_shapes.flip(-1).to(boxes.dtype)[:, None]  # (bs, 1, 2): (w, h)
-    corners = torch.cat([(centre - size / 2) * wh, (centre + size / 2) * wh], -1)
-    corners = torch.minimum(corners.clamp(min=0), wh.repeat(1, 1, 2))
-    return torch.cat([corners, scores[..., None]], -1), labels
-
-
-class End2EndDetector(nn.Module):
-    """A :class:`~.DeformableDETR` from normalised images to its top-k detections.
-
-    Inputs: ``input`` (bs, 3, H, W), images as the data preprocessor makes them
-    (colour order, mean and std applied, zero-padded at the bottom and right to one
-    size), and ``img_shapes`` (bs, 2) int64, the (h, w) of every image in it. Outputs:
-    ``dets`` (bs, k, 5), (x1, y1, x2, y2) in pixels of the input image and the score,
-    and ``labels`` (bs, k) int64; k is the config's ``test_cfg.max_per_img`` (100).
-    These are the detections of ``detector.predict(..., rescale=False)``.
-
-    Padding is masked as in training and testing (the masks are computed in the graph
-    from ``img_shapes``), so a batch of images of several sizes gives what
-    ``detector.predict`` gives for that batch.
-
-    Args:
-        detector: The detector, in eval mode.
-    """
-
-    def __init__(self, detector: DeformableDETR) -> None:
-        super().__init__()
-        self.detector = detector
-        self.max_per_img = detector.bbox_head.test_cfg['max_per_img']
-
-    def forward(self, images: Tensor, img_shapes: Tensor) -> Tuple[Tensor, Tensor]:
-        detector = self.detector
-        feats = detector.extract_feat(images)
-        masks = padding_masks(img_shapes, images.shape[-2:], [f.shape[-2:] for f in feats])
-        pos = [detector.positional_encoding(m) for m in masks]
-        levels = flatten_levels(feats, pos, detector.level_embed, masks)
-        memory = detector.forward_encoder(levels)
-        query, query_pos, reference_points, _ = detector.pre_decoder(memory, levels)
-        hidden_states, references = detector.forward_decoder(query, query_pos, reference_points,
-                                                             memory, levels)
-        last = len(hidden_states) - 1
-        cls_logits, boxes = detector.bbox_head.forward_layer(last, hidden_states[last],
-                                                             references[last])
-        return top_detections(cls_logits, boxes, img_shapes, self.max_per_img)
-
-
-def example_inputs(shape: Sequence[int], batch: int = 1, seed: int = 0
-                   ) -> Tuple[Tensor, Tensor]:
-    """Random normalised images (batch, 3, H, W) and their (full) sizes, to trace with."""
-    gen = torch.Generator().manual_seed(seed)
-    images = torch.randn(batch, 3, *shape, generator=gen)
-    return images, torch.tensor([list(shape)] * batch, dtype=torch.long)
-
-
-# ----------------------------------------------------------------------------------
-# Building and loading
-# ----------------------------------------------------------------------------------
-
-
-def build_detector(config: Union[str, Config]) -> DeformableDETR:
-    """The config's model, built as the tools build it, in eval mode.
-
-    Raises:
-        ExportError: the model is not this project's ``ddetr.DeformableDETR`` (mmdet's
-            own Deformable DETR, for instance, has no export path here).
-    """
-    cfg = Config.fromfile(config) if isinstance(config, str) else config
-    init_default_scope(cfg.get('default_scope', 'mmdet'))
-    from mmdet.registry import MODELS
-    model = MODELS.build(cfg.model)
-    if not isinstance(model, DeformableDETR):
-        raise ExportError(
-            f'model (type={cfg.model.get("type")!r}, {type(model).__module__}.'
-            f'{type(model).__name__}) cannot be exported: the deployment path is that of '
-            "this project's detector, type='ddetr.DeformableDETR'")
-    return model.eval()
-
-
-def load_weights(model: nn.Module, checkpoint: str) -> None:
-    """Loads a checkpoint strictly: every key, every shape, and shared weights equal.
-
-    Raises:
-        RuntimeError: MMEngine's strict-load error, which lists the missing and
-            unexpected keys and the shape mismatches (a checkpoint of another variant
-            or size).
-        ValueError: the checkpoint holds different weights for parameters that this
-            model shares (e.g. the head branches of a with_box_refine checkpoint loaded
-            into a model without box refinement, whose keys are the same): a strict
-            load alone would keep the last of them silently.
-    """
-    ckpt = load_checkpoint(model, checkpoint, map_location='cpu', strict=True,
-                           revise_keys=[(r'^module\.', '')])
-    state = ckpt.get('state_dict', ckpt) if isinstance(ckpt, dict) else ckpt
-    state = {re.sub(r'^module\.', '', k): v for k, v in state.items()}
-    shared: Dict[int, List[str]] = {}
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        shared.setdefault(id(tensor), []).append(name)
-    for names in shared.values():
-        different = [n for n in names[1:] if not torch.equal(state[n], state[names[0]])]
-        if different:
-            raise ValueError(
-                f'{checkpoint} holds different weights for {names[0]} and {different}, '
-                'which this model shares (one module repeated): it is a checkpoint of '
-                'another variant (with_box_refine gives every decoder layer its own head '
-                'branches)')
 
 
 # ----------------------------------------------------------------------------------
@@ -345,32 +164,11 @@ def export_onnx(detector: DeformableDETR, out: str, shape: Sequence[int], batch:
     """
     check_opset(opset)
     table = translation_table(op_mode, opset, plugin_version)  # checks op_mode
-    module = End2EndDetector(detector).eval()
-    example = example_inputs(shape, 2 if dynamic else batch)
-    dims = None
-    if dynamic:
-        batch_dim = torch.export.Dim('batch', min=1)
-        dims = ({0: batch_dim, 2: torch.export.Dim.DYNAMIC, 3: torch.export.Dim.DYNAMIC},
-                {0: batch_dim})
-    with torch.no_grad():
-        program = export_program(module, example, dynamic_shapes=dims)
-    foreign = foreign_ops(program)
-    if foreign:
-        raise ExportError('operators without an ONNX translation: ' + '; '.join(foreign))
-    try:
-        # optimize=False, then onnxscript's optimizer on the saved model: run inside
-        # torch.onnx.export (torch 2.13, onnxscript 0.7), it leaves Clip nodes reading
-        # constants it removed, an invalid graph; run on the model afterwards, it does not.
-        onnx_program = torch.onnx.export(program, (), dynamo=True, custom_translation_table=table,
-                                         opset_version=opset, input_names=list(INPUT_NAMES),
-                                         output_names=list(OUTPUT_NAMES), optimize=False)
-    except Exception as err:
-        raise ExportError(f'translating the exported program to ONNX failed: '
-                          f'{type(err).__name__}: {_first_lines(str(err))}') from err
+    program = export_end2end(detector, shape, batch, dynamic)
+    model = _translate(program, table, opset)
     import onnx
     import onnxscript
     ops_onnx = _ops_onnx()
-    model = onnx_program.model_proto
     if optimize:
         model = onnxscript.optimizer.optimize(model)
     ranges = _dynamic_ranges(program) if dynamic else {}
@@ -383,6 +181,46 @@ def export_onnx(detector: DeformableDETR, out: str, shape: Sequence[int], batch:
     kind = 'GridSample' if op_mode == 'onnx' else ops_onnx.TRT_PLUGIN
     return dict(ranges=ranges, attention_nodes=sum(n.op_type == kind for n in model.graph.node),
                 opset=opset)
+
+
+def export_end2end(detector: DeformableDETR, shape: Sequence[int], batch: int = 1,
+                   dynamic: bool = False) -> torch.export.ExportedProgram:
+    """The end-to-end detector as an ExportedProgram that ONNX can translate.
+
+    Args: as :func:`export_onnx` takes them.
+
+    Raises:
+        ExportError: a piece of the model that cannot be exported, or operators without
+            an ONNX translation, named.
+    """
+    module = End2EndDetector(detector).eval()
+    example = example_inputs(shape, 2 if dynamic else batch)
+    dims = None
+    if dynamic:
+        batch_dim = torch.export.Dim('batch', min=1)
+        dims = ({0: batch_dim, 2: torch.export.Dim.DYNAMIC, 3: torch.export.Dim.DYNAMIC},
+                {0: batch_dim})
+    with torch.no_grad():
+        program = export_program(module, example, dynamic_shapes=dims)
+    foreign = foreign_ops(program)
+    if foreign:
+        raise ExportError('operators without an ONNX translation: ' + '; '.join(foreign))
+    return program
+
+
+def _translate(program: torch.export.ExportedProgram, table: Dict, opset: int) -> Any:
+    """The program as an ONNX ModelProto, not yet optimised."""
+    try:
+        # optimize=False, then onnxscript's optimizer on the saved model: run inside
+        # torch.onnx.export (torch 2.13, onnxscript 0.7), it leaves Clip nodes reading
+        # constants it removed, an invalid graph; run on the model afterwards, it does not.
+        onnx_program = torch.onnx.export(program, (), dynamo=True, custom_translation_table=table,
+                                         opset_version=opset, input_names=list(INPUT_NAMES),
+                                         output_names=list(OUTPUT_NAMES), optimize=False)
+    except Exception as err:
+        raise ExportError(f'translating the exported program to ONNX failed: '
+                          f'{type(err).__name__}: {_first_lines(str(err))}') from err
+    return onnx_program.model_proto
 
 
 def _input_shape(program: torch.export.ExportedProgram) -> Sequence[Any]:

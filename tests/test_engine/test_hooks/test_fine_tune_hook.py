@@ -8,8 +8,9 @@ from mmdet.registry import MODELS
 from mmengine.logging import MMLogger
 from mmengine.registry import init_default_scope
 
-from projects.deformable_detr.fine_tune import (CheckpointMismatchError, FineTuneHook,
-                                                fit_class_branches)
+from projects.deformable_detr.checkpoint.class_branches import (CheckpointMismatchError,
+                                                               fit_class_branches)
+from projects.deformable_detr.engine.hooks import FineTuneHook
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 

@@ -6,9 +6,9 @@ import torch
 from mmdet.structures import DetDataSample
 from mmengine.structures import InstanceData
 
-import projects.deformable_detr.hungarian_assigner as assigner_module
+import projects.deformable_detr.models.task_modules.assigners.hungarian_assigner as assigner_module
 from projects.deformable_detr import HungarianAssigner, SetCriterion
-from projects.deformable_detr.non_finite import NonFiniteError
+from projects.deformable_detr.models.utils.non_finite import NonFiniteError
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 

@@ -10,7 +10,8 @@ from mmengine.config import Config  # noqa: E402
 
 from projects.deformable_detr.datasets.synthetic import GenConfig, generate_split  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
+    __file__)))))
 DEMO_CONFIG = os.path.join(
     ROOT, 'configs', 'synthetic', 'deformable-detr-refine-twostage_r18_1xb8-synthetic.py')
 

@@ -10,10 +10,10 @@ from mmengine.registry import init_default_scope
 
 import projects.deformable_detr  # noqa: F401  (registers the ddetr modules)
 from projects.deformable_detr import DeformableDETRHead
-from projects.deformable_detr.reference_points import (is_box, offset_scale, on_levels, refine,
+from projects.deformable_detr.models.layers.reference_points import (is_box, offset_scale, on_levels, refine,
                                                        sampling_locations)
 
-CONFIG = os.path.join(os.path.dirname(__file__), '..', '..', 'configs', 'synthetic',
+CONFIG = os.path.join(os.path.dirname(__file__), '..', '..', '..', 'configs', 'synthetic',
                       'deformable-detr-refine-twostage_r18_1xb8-synthetic.py')
 
 

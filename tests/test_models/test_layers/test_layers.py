@@ -9,7 +9,7 @@ from mmengine.registry import init_default_scope
 
 from projects.deformable_detr import (DeformableDecoder, DeformableDETRHead, DeformableEncoder,
                                       MultiScaleDeformableAttention)
-from projects.deformable_detr.transformer import flatten_levels
+from projects.deformable_detr.models.layers.deformable_transformer import flatten_levels
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 

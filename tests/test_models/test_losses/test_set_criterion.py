@@ -5,7 +5,7 @@ import pytest
 import torch
 from mmengine.structures import InstanceData
 
-import projects.deformable_detr.criterion as criterion_module
+import projects.deformable_detr.models.losses.set_criterion as criterion_module
 from projects.deformable_detr import SetCriterion
 
 pytestmark = pytest.mark.usefixtures('one_thread')

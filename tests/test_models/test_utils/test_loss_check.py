@@ -23,9 +23,10 @@ from mmengine.logging import MessageHub
 from mmengine.optim import AmpOptimWrapper, OptimWrapper
 from mmengine.structures import InstanceData
 
-import projects.deformable_detr.non_finite as non_finite
-from projects.deformable_detr.non_finite import (NonFiniteError, SkipNonFiniteHook, check_losses,
-                                                 first_non_finite)
+import projects.deformable_detr.models.utils.non_finite as non_finite
+from projects.deformable_detr.engine.hooks import SkipNonFiniteHook
+from projects.deformable_detr.models.utils.non_finite import (NonFiniteError, check_losses,
+                                                              first_non_finite)
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 

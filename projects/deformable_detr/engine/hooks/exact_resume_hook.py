@@ -1,4 +1,4 @@
-"""Exact and crash-safe resume: ``ddetr.CheckpointHook``.
+"""Exact and crash-safe resume: ``ddetr.ExactResumeHook`` (alias ``ddetr.CheckpointHook``).
 
 MMEngine's checkpoints restore the weights, the optimizer, the schedulers and the loop
 counters, and its samplers reshuffle from ``seed + epoch``. What they miss is every
@@ -26,7 +26,7 @@ uninterrupted one. This hook closes the gap:
   iteration-based loop replays the whole run's batches on resume, so its workers
   (persistent or not) keep MMEngine's seeding.
 - **Atomic files.** Checkpoints and ``last_checkpoint`` are written to a temporary
-  file in the same directory, synced and renamed (:mod:`.safe_checkpoint`); a
+  file in the same directory, synced and renamed (:mod:`...checkpoint.atomic_io`); a
   checkpoint that ``max_keep_ckpts`` or a new best one makes obsolete is deleted only
   after its successor is complete. A run killed at any moment leaves its previous
   checkpoint loadable and named in ``last_checkpoint``.
@@ -36,16 +36,20 @@ interrupted one; where it cannot be exact (another number of processes, a checkp
 without RNG states, a loop other than MMEngine's two), it says so in the log.
 
 :func:`use_exact_resume` puts this hook in the place of MMEngine's ``CheckpointHook``
-in a config (``tools/train.py`` calls it); it takes the same arguments.
+in a config (``tools/train.py`` calls it); it takes the same arguments. It was first
+registered as ``ddetr.CheckpointHook``, MMEngine's own name; that name stays an alias,
+so that configs that use it keep working.
+
+Two of MMEngine's private methods are overridden, where no public hook gives the same
+behaviour; they are in one marked section of the class, and
+``tests/test_engine/test_hooks/test_mmengine_overrides.py`` fails if the MMEngine methods
+they replace change (checked against MMEngine :data:`MMENGINE_CHECKED`).
 """
 import logging
 import os.path as osp
-import random
 from functools import partial
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Iterator, List, Optional
 
-import numpy as np
-import torch
 from mmengine.config import Config
 from mmengine.dataset import worker_init_fn as mmengine_worker_init_fn
 from mmengine.dist import all_gather_object, get_rank, get_world_size, is_main_process
@@ -53,68 +57,13 @@ from mmengine.hooks import CheckpointHook as MMEngineCheckpointHook
 from mmengine.logging import print_log
 from mmengine.runner import EpochBasedTrainLoop, IterBasedTrainLoop
 
-from .registry import HOOKS
-from .safe_checkpoint import ATOMIC_BACKEND, atomic_write, remove_stale_partial_files
+from ...checkpoint.atomic_io import ATOMIC_BACKEND, atomic_write, remove_stale_partial_files
+from ...registry import HOOKS
+from ..rng_state import RNGState, get_rng_state, seed_worker, set_rng_state
 
-RNGState = Dict[str, Any]
-
-
-def get_rng_state() -> RNGState:
-    """The states of this process's generators: torch CPU and CUDA, numpy, ``random``.
-
-    Plain types and tensors only, so that a checkpoint holding them loads with
-    ``torch.load(weights_only=True)`` as it is.
-    """
-    name, keys, pos, has_gauss, cached_gauss = np.random.get_state()
-    # A process that never initialised CUDA drew nothing there (and keeps it so).
-    cuda_used = torch.cuda.is_available() and torch.cuda.is_initialized()
-    return dict(
-        torch=torch.get_rng_state(),
-        cuda=torch.cuda.get_rng_state_all() if cuda_used else [],
-        numpy=(name, keys.tolist(), int(pos), int(has_gauss), float(cached_gauss)),
-        random=random.getstate())
-
-
-def set_rng_state(state: RNGState) -> None:
-    """Sets this process's generators to a state of :func:`get_rng_state`.
-
-    CUDA states of another number of devices than this process sees are left out, with
-    a warning.
-    """
-    torch.set_rng_state(state['torch'])
-    cuda = state['cuda']
-    have = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if cuda and have == len(cuda):
-        torch.cuda.set_rng_state_all(cuda)
-    elif cuda:
-        _warn(f'resume is not exact: the RNG states are of {len(cuda)} CUDA devices, '
-              f'this process sees {have}; their CUDA states are not restored')
-    name, keys, pos, has_gauss, cached_gauss = state['numpy']
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss,
-                         cached_gauss))
-    version, internal, gauss_next = state['random']
-    random.setstate((version, tuple(internal), gauss_next))
-
-
-def seed_worker(worker_id: int, num_workers: int, rank: int, seed: int, epoch: int) -> None:
-    """Seeds a data-loader worker's numpy, ``random`` and torch for one epoch.
-
-    The seed mixes ``(seed, rank, worker_id, epoch)``, so that every worker of every
-    process draws its own numbers, and every epoch new ones.
-
-    Args:
-        worker_id: The worker's index, ``0 .. num_workers - 1`` (DataLoader's argument).
-        num_workers: The loader's number of workers (kept for MMEngine's signature).
-        rank: The process's rank.
-        seed: The run's seed (``runner.seed``).
-        epoch: The epoch whose batches the worker makes.
-    """
-    del num_workers
-    worker_seed = int(np.random.SeedSequence([seed % 2**32, rank, worker_id, epoch])
-                      .generate_state(1)[0])
-    np.random.seed(worker_seed)
-    random.seed(worker_seed)
-    torch.manual_seed(worker_seed)
+# The MMEngine version whose private CheckpointHook methods the overrides below were
+# checked against (see the module's docstring).
+MMENGINE_CHECKED = '0.10.7'
 
 
 class _ReplayLoader:
@@ -176,7 +125,7 @@ def _warn(message: str) -> None:
 
 
 @HOOKS.register_module()
-class CheckpointHook(MMEngineCheckpointHook):
+class ExactResumeHook(MMEngineCheckpointHook):
     """MMEngine's ``CheckpointHook`` (same arguments) for exact, crash-safe resume.
 
     On top of MMEngine's, each checkpoint holds the RNG states of every process and
@@ -187,7 +136,7 @@ class CheckpointHook(MMEngineCheckpointHook):
 
     Args:
         backend_args: MMEngine's. Left ``None`` with a local ``out_dir``, the files are
-            written atomically (``safe_checkpoint.ATOMIC_BACKEND``).
+            written atomically (``checkpoint.atomic_io.ATOMIC_BACKEND``).
         **kwargs: MMEngine ``CheckpointHook``'s other arguments.
     """
 
@@ -222,7 +171,7 @@ class CheckpointHook(MMEngineCheckpointHook):
         states, position = saved.get('rng_states'), saved.get('data_position')
         if saved.get('iter') != runner.iter or states is None or position is None:
             _warn('resume is not exact: the checkpoint holds no RNG states (saved by '
-                  'another hook than ddetr.CheckpointHook, or a best_* checkpoint); '
+                  'another hook than ddetr.ExactResumeHook, or a best_* checkpoint); '
                   'dropout and random augmentations will draw other numbers than the '
                   'interrupted run would have')
             return
@@ -299,7 +248,11 @@ class CheckpointHook(MMEngineCheckpointHook):
             set_rng_state(self._before_val)
             self._before_val = None
 
-    # --- saving ----------------------------------------------------------------------
+    # --- saving: MMEngine's private methods, overridden ----------------------------------
+    # The only overrides of MMEngine internals in this package. No public hook orders a
+    # checkpoint's deletion after its successor's write. If MMEngine changes these
+    # methods, tests/test_engine/test_hooks/test_mmengine_overrides.py fails: compare
+    # them with MMEngine's new ones, then update MMENGINE_CHECKED and the test's digests.
     def _save_checkpoint_with_step(self, runner, step: int, meta: dict) -> None:
         # MMEngine's version, but for three things, so it is not called: it deletes the
         # expired checkpoint before writing the new one, and writes last_checkpoint in
@@ -344,6 +297,8 @@ class CheckpointHook(MMEngineCheckpointHook):
         for path in held:
             self._remove(path)
 
+    # --- end of the overrides -----------------------------------------------------------
+
     def _remove(self, path: str) -> None:
         if self.file_backend.isfile(path):
             self.file_backend.remove(path)
@@ -352,7 +307,7 @@ class CheckpointHook(MMEngineCheckpointHook):
 
 
 def use_exact_resume(cfg: Config) -> None:
-    """Puts ``ddetr.CheckpointHook`` in the place of MMEngine's ``CheckpointHook``.
+    """Puts ``ddetr.ExactResumeHook`` in the place of MMEngine's ``CheckpointHook``.
 
     Args:
         cfg: A training config; its ``default_hooks.checkpoint`` is changed in place if
@@ -363,16 +318,19 @@ def use_exact_resume(cfg: Config) -> None:
         return
     kind = hook.get('type')
     name = kind if isinstance(kind, str) else getattr(kind, '__name__', str(kind))
-    if kind is CheckpointHook or name in ('ddetr.CheckpointHook',):
+    if kind is ExactResumeHook or name in ('ddetr.ExactResumeHook', 'ddetr.CheckpointHook'):
         return
     if kind is MMEngineCheckpointHook or name.split('.')[-1] == 'CheckpointHook':
-        hook.type = 'ddetr.CheckpointHook'
-        print_log('default_hooks.checkpoint: ddetr.CheckpointHook (exact, crash-safe '
+        hook.type = 'ddetr.ExactResumeHook'
+        print_log('default_hooks.checkpoint: ddetr.ExactResumeHook (exact, crash-safe '
                   'resume) in the place of MMEngine\'s CheckpointHook', logger='current')
     else:
         _warn(f'default_hooks.checkpoint is {name}: --resume may not be exact '
-              '(ddetr.CheckpointHook saves and restores the RNG states)')
+              '(ddetr.ExactResumeHook saves and restores the RNG states)')
 
 
-__all__ = ['CheckpointHook', 'get_rng_state', 'set_rng_state', 'seed_worker',
-           'use_exact_resume']
+# The hook's first name, MMEngine's own: configs that name it keep working.
+HOOKS.register_module(name='CheckpointHook', module=ExactResumeHook)
+CheckpointHook = ExactResumeHook
+
+__all__ = ['ExactResumeHook', 'CheckpointHook', 'MMENGINE_CHECKED', 'use_exact_resume']

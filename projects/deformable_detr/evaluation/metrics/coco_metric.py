@@ -7,8 +7,8 @@ from mmdet.evaluation import CocoMetric as MMDetCocoMetric
 from mmengine.fileio import get_local_path, load
 from mmengine.logging import print_log
 
-from .data_check import DataReport, check_annotation, check_images
-from ..registry import METRICS
+from ...datasets.data_check import DataReport, check_annotation, check_images
+from ...registry import METRICS
 
 # Ground-truth annotations that pycocotools cannot evaluate (or crashes on): the others,
 # zero-area boxes or boxes outside the image included, are evaluated as COCO's own code

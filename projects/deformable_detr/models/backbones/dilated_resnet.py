@@ -2,7 +2,7 @@
 from mmdet.models.backbones import ResNet
 from mmdet.models.backbones.resnet import Bottleneck
 
-from .registry import MODELS
+from ...registry import MODELS
 
 
 @MODELS.register_module()

@@ -9,9 +9,39 @@ from mmengine.model import bias_init_with_prob
 from mmengine.structures import InstanceData
 from torch import Tensor, nn
 
-from .criterion import SetCriterion
-from .reference_points import refine
-from .registry import MODELS
+from ...registry import MODELS
+from ..layers.reference_points import refine
+
+
+def proposal_branch_index(num_decoder_layers: int) -> int:
+    """Index of the two-stage proposal branches among the head's class and box branches.
+
+    The head has one branch per decoder layer, then, when two-stage, the one that scores
+    the encoder's proposals (the official code's layout, which checkpoints keep).
+    """
+    return num_decoder_layers
+
+
+def select_top_k(cls_logits: Tensor, boxes: Tensor, max_per_img: int
+                 ) -> Tuple[Tensor, Tensor, Tensor]:
+    """The prediction rule: the top ``max_per_img`` (query, class) pairs of every image.
+
+    A query may appear with several classes: scores are independent sigmoids. Fewer are
+    kept where there are fewer pairs.
+
+    Args:
+        cls_logits: (bs, nq, num_classes) logits.
+        boxes: (bs, nq, 4) boxes of the queries.
+
+    Returns:
+        scores (bs, k) in descending order, labels (bs, k) int64 and their queries'
+        boxes (bs, k, 4).
+    """
+    num_classes = cls_logits.shape[-1]
+    k = min(max_per_img, cls_logits.shape[1] * num_classes)
+    scores, index = cls_logits.sigmoid().flatten(1).topk(k, dim=1)
+    boxes = boxes.gather(1, (index // num_classes)[..., None].expand(-1, -1, 4))
+    return scores, index % num_classes, boxes
 
 
 @MODELS.register_module()
@@ -28,27 +58,24 @@ class DeformableDETRHead(nn.Module):
         num_pred_layer: Branches: decoder layers (+1 for two-stage proposals).
         share_pred_layer: One branch for all layers (no box refinement).
         as_two_stage: The detector is two-stage (affects the box-branch init).
-        sync_cls_avg_factor: Normalise the classification loss by the box count
-            averaged over processes (as the box losses always are), not by this
-            process's own count.
-        loss_cls, loss_bbox, loss_iou: Loss configs (mmdet's losses).
+        criterion: Config of the set loss (``ddetr.SetCriterion``, whose defaults are
+            the paper's losses); ``num_classes`` and ``train_cfg.assigner`` are handed
+            to it.
+        sync_cls_avg_factor, loss_cls, loss_bbox, loss_iou: Arguments of the
+            criterion, accepted here too as mmdet's head takes them (configs name
+            them in one place or the other, not both).
         train_cfg: Dict with ``assigner``, the matcher's config.
         test_cfg: Dict with ``max_per_img``, detections kept per image.
     """
 
     def __init__(self, num_classes: int, embed_dims: int = 256, num_reg_fcs: int = 2,
                  num_pred_layer: int = 6, share_pred_layer: bool = False,
-                 as_two_stage: bool = False, sync_cls_avg_factor: bool = True,
-                 loss_cls: dict = dict(type='FocalLoss', use_sigmoid=True, gamma=2.0,
-                                       alpha=0.25, loss_weight=2.0),
-                 loss_bbox: dict = dict(type='L1Loss', loss_weight=5.0),
-                 loss_iou: dict = dict(type='GIoULoss', loss_weight=2.0),
+                 as_two_stage: bool = False, criterion: Optional[dict] = None,
+                 sync_cls_avg_factor: Optional[bool] = None, loss_cls: Optional[dict] = None,
+                 loss_bbox: Optional[dict] = None, loss_iou: Optional[dict] = None,
                  train_cfg: Optional[dict] = None,
                  test_cfg: Optional[dict] = None) -> None:
         super().__init__()
-        if not loss_cls.get('use_sigmoid', True):
-            raise ValueError('Deformable DETR classifies with a sigmoid (focal loss); '
-                             'loss_cls.use_sigmoid=False is not supported')
         self.num_classes, self.embed_dims = num_classes, embed_dims
         self.as_two_stage = as_two_stage
         unknown = set(test_cfg or {}) - {'max_per_img'}
@@ -57,9 +84,18 @@ class DeformableDETRHead(nn.Module):
             raise ValueError(f'unknown train_cfg/test_cfg keys of DeformableDETRHead: '
                              f'{sorted(unknown)} (it knows assigner and max_per_img)')
         self.test_cfg = {'max_per_img': 100, **(test_cfg or {})}
-        assigner = (train_cfg or {}).get('assigner', dict(type='HungarianAssigner'))
-        self.criterion = SetCriterion(num_classes, assigner, loss_cls, loss_bbox, loss_iou,
-                                      sync_cls_avg_factor)
+        criterion = dict(type='SetCriterion', **(criterion or {}))
+        given = dict(sync_cls_avg_factor=sync_cls_avg_factor, loss_cls=loss_cls,
+                     loss_bbox=loss_bbox, loss_iou=loss_iou,
+                     assigner=(train_cfg or {}).get('assigner'))
+        for key, value in given.items():
+            if value is None:
+                continue
+            if key in criterion:
+                raise ValueError(f'{key} is set twice: in the head (or train_cfg) and in '
+                                 'its criterion; set it in one place')
+            criterion[key] = value
+        self.criterion = MODELS.build(dict(criterion, num_classes=num_classes))
 
         fc_cls = nn.Linear(embed_dims, num_classes)
         reg = []
@@ -126,14 +162,11 @@ class DeformableDETRHead(nn.Module):
 
     def predict_single(self, cls_logits: Tensor, boxes: Tensor, img_meta: dict,
                        rescale: bool = True) -> InstanceData:
-        """Top ``max_per_img`` scores of one image, boxes in pixels (x1, y1, x2, y2).
-
-        A query may appear with several classes: scores are independent sigmoids.
-        """
-        k = min(self.test_cfg['max_per_img'], cls_logits.numel())
-        scores, index = cls_logits.sigmoid().flatten().topk(k)
-        labels = index % self.num_classes
-        bboxes = bbox_cxcywh_to_xyxy(boxes[index // self.num_classes])
+        """Top ``max_per_img`` scores of one image (:func:`select_top_k`), boxes in
+        pixels (x1, y1, x2, y2)."""
+        scores, labels, boxes = (out[0] for out in select_top_k(
+            cls_logits[None], boxes[None], self.test_cfg['max_per_img']))
+        bboxes = bbox_cxcywh_to_xyxy(boxes)
         h, w = img_meta['img_shape'][:2]
         bboxes[:, 0::2] = (bboxes[:, 0::2] * w).clamp(min=0, max=w)
         bboxes[:, 1::2] = (bboxes[:, 1::2] * h).clamp(min=0, max=h)

@@ -12,11 +12,13 @@ from mmdet.models.detectors.base import BaseDetector
 from mmdet.structures import OptSampleList, SampleList
 from torch import Tensor, nn
 
-from .multi_scale_deformable_attention import MultiScaleDeformableAttention
-from .non_finite import check_losses
-from .registry import MODELS
-from .transformer import (DEFAULT_EMBED_DIMS, DeformableDecoder, DeformableEncoder, flatten_levels,
-                          padding_masks)
+from ...registry import MODELS
+from ..dense_heads.deformable_detr_head import proposal_branch_index
+from ..layers.deformable_transformer import (DEFAULT_EMBED_DIMS, DeformableDecoder,
+                                             DeformableEncoder, flatten_levels, padding_masks,
+                                             pixel_centres)
+from ..layers.multi_scale_deformable_attention import MultiScaleDeformableAttention
+from ..utils.non_finite import check_losses
 
 
 def derived(cfg: dict, key: str, value: Any, why: str) -> dict:
@@ -150,7 +152,17 @@ class DeformableDETR(BaseDetector):
             dict of the head's inputs: ``hidden_states``, ``references`` and, for
             two-stage, ``enc_outputs_class`` / ``enc_outputs_coord`` (else None).
         """
-        levels = self.pre_transformer(feats, batch_data_samples)
+        return self.encode_decode(self.pre_transformer(feats, batch_data_samples))
+
+    def encode_decode(self, levels: Dict[str, Tensor]) -> Dict:
+        """The transformer from the flattened levels on: encoder, queries, decoder.
+
+        The one sequence of the stages, which deployment and the non-finite diagnosis
+        run too.
+
+        Returns:
+            dict as :meth:`forward_transformer` returns it.
+        """
         memory = self.forward_encoder(levels)
         query, query_pos, reference_points, enc_outputs = self.pre_decoder(memory, levels)
         hidden_states, references = self.forward_decoder(query, query_pos, reference_points,
@@ -169,9 +181,23 @@ class DeformableDETR(BaseDetector):
         masks = None
         if batch_data_samples is not None:
             metas = [s.metainfo for s in batch_data_samples]
-            masks = padding_masks([m['img_shape'][:2] for m in metas],
-                                  metas[0]['batch_input_shape'],
-                                  [f.shape[-2:] for f in feats], feats[0].device)
+            img_shapes = [tuple(m['img_shape'][:2]) for m in metas]
+            batch_shape = tuple(metas[0]['batch_input_shape'])
+            # Nothing padded: every layer skips masking (mmdet does the same, and the
+            # outputs are identical).
+            if any(shape != batch_shape for shape in img_shapes):
+                masks = padding_masks(torch.tensor(img_shapes, device=feats[0].device),
+                                      batch_shape, [f.shape[-2:] for f in feats])
+        return self.embed_levels(feats, masks)
+
+    def embed_levels(self, feats: Tuple[Tensor, ...],
+                     masks: Optional[Sequence[Tensor]]) -> Dict[str, Tensor]:
+        """The levels as one sequence (:func:`flatten_levels`), with their positions.
+
+        Args:
+            feats: The neck's maps.
+            masks: Per level (bs, h, w), True at padding; None where nothing is padded.
+        """
         if masks is None:
             pos = [self.positional_encoding(None, input=f) for f in feats]
         else:
@@ -207,7 +233,7 @@ class DeformableDETR(BaseDetector):
         out_memory, proposals = encoder_proposals(memory, levels['mask'],
                                                   levels['level_shapes'])
         out_memory = self.memory_trans_norm(self.memory_trans_fc(out_memory))
-        last = self.decoder.num_layers  # the head's extra branch
+        last = proposal_branch_index(self.decoder.num_layers)
         enc_class = self.bbox_head.cls_branches[last](out_memory)
         enc_coord_logit = self.bbox_head.reg_branches[last](out_memory) + proposals
         # Class-agnostic: only the first class channel scores proposals. A small image
@@ -301,7 +327,7 @@ def encoder_proposals(memory: Tensor, mask: Optional[Tensor],
     """One proposal per pixel: its centre, a size of 0.05 * 2**level.
 
     ``level_shapes`` holds the (h, w) of every level as Python sizes
-    (:func:`~.transformer.flatten_levels`).
+    (:func:`~..layers.deformable_transformer.flatten_levels`).
 
     Returns:
         memory with padded / border pixels zeroed, (bs, N, C), and the proposals
@@ -311,9 +337,7 @@ def encoder_proposals(memory: Tensor, mask: Optional[Tensor],
     bs = memory.shape[0]
     proposals, start = [], 0
     for lvl, (h, w) in enumerate(level_shapes):
-        grid_y, grid_x = torch.meshgrid(  # arange: see DeformableEncoder.reference_points
-            torch.arange(h, dtype=torch.float32, device=memory.device) + 0.5,
-            torch.arange(w, dtype=torch.float32, device=memory.device) + 0.5, indexing='ij')
+        grid_y, grid_x = pixel_centres(h, w, memory.device)
         if mask is not None:  # normalised by each image's valid size
             level_mask = mask[:, start:start + h * w].view(bs, h, w)
             size = torch.stack([(~level_mask[:, 0, :]).sum(1), (~level_mask[:, :, 0]).sum(1)],

@@ -12,7 +12,6 @@ Module and parameter names follow mmdet 3.3 (``self_attn``, ``cross_attn``,
 from typing import List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .multi_scale_deformable_attention import MultiScaleDeformableAttention
@@ -25,20 +24,54 @@ DEFAULT_EMBED_DIMS = 256  # the paper's d
 # ----------------------------------------------------------------------------------
 
 
-def padding_masks(img_shapes: Sequence[Tuple[int, int]], batch_shape: Tuple[int, int],
-                  feat_shapes: Sequence[Tuple[int, int]], device: torch.device
-                  ) -> Optional[List[Tensor]]:
-    """Per-level padding masks (True = padded), or None when nothing is padded.
+def padding_masks(img_shapes: Tensor, batch_shape: Sequence[int],
+                  feat_shapes: Sequence[Sequence[int]]) -> List[Tensor]:
+    """Per-level padding masks (True = padded) of the images of a batch.
 
-    Returning None when all images fill the batch lets every layer skip masking
-    (mmdet does the same, and the outputs are identical).
+    The batch's mask is resized to every level with the index rule of
+    ``F.interpolate(mode='nearest')`` (source index ``floor(i * float(in / out))``, in
+    float32), written out: the sizes may be an input of an exported graph, and ONNX's
+    ``Resize`` would divide by ``out / in`` instead and may round the other way at a
+    boundary. The detector skips masking where no image is padded (as mmdet does; the
+    outputs are identical).
+
+    Args:
+        img_shapes: (bs, 2) int (h, w) of every image, top-left in the batch.
+        batch_shape: (H, W) of the padded batch.
+        feat_shapes: (h, w) of every feature level.
+
+    Returns:
+        One (bs, h, w) bool mask per level.
     """
-    if all(tuple(s) == tuple(batch_shape) for s in img_shapes):
-        return None
-    mask = torch.ones((len(img_shapes), *batch_shape), device=device)
-    for i, (h, w) in enumerate(img_shapes):
-        mask[i, :h, :w] = 0
-    return [F.interpolate(mask[None], size=s)[0].bool() for s in feat_shapes]
+    height, width = batch_shape
+    rows = torch.arange(height, device=img_shapes.device)
+    cols = torch.arange(width, device=img_shapes.device)
+    mask = ((rows[None, :, None] >= img_shapes[:, 0, None, None]) |
+            (cols[None, None, :] >= img_shapes[:, 1, None, None]))
+    masks = []
+    for h, w in feat_shapes:
+        mask_l = mask.index_select(1, _nearest_index(h, height, img_shapes.device))
+        masks.append(mask_l.index_select(2, _nearest_index(w, width, img_shapes.device)))
+    return masks
+
+
+def _nearest_index(out_size: int, in_size: int, device: torch.device) -> Tensor:
+    """Source indices of ``F.interpolate(mode='nearest')`` from ``in_size`` to ``out_size``."""
+    scale = (torch.full((), in_size, dtype=torch.float32, device=device) /
+             torch.full((), out_size, dtype=torch.float32, device=device))
+    index = torch.arange(out_size, dtype=torch.float32, device=device) * scale
+    return index.floor().long().clamp(max=in_size - 1)
+
+
+def pixel_centres(h: int, w: int, device: torch.device) -> Tuple[Tensor, Tensor]:
+    """The (y, x) coordinates, in pixels, of the centres of an (h, w) level: (h, w) each.
+
+    arange + 0.5, not linspace: the same values, and torch.export keeps the sizes
+    symbolic (linspace fixes them).
+    """
+    return torch.meshgrid(torch.arange(h, dtype=torch.float32, device=device) + 0.5,
+                          torch.arange(w, dtype=torch.float32, device=device) + 0.5,
+                          indexing='ij')
 
 
 def valid_ratio(mask: Tensor) -> Tensor:
@@ -171,12 +204,7 @@ class DeformableEncoder(nn.Module):
         """
         refs = []
         for lvl, (h, w) in enumerate(level_shapes):
-            # arange + 0.5, not linspace: the same values, and torch.export keeps the
-            # sizes symbolic (linspace fixes them).
-            ref_y, ref_x = torch.meshgrid(
-                torch.arange(h, dtype=torch.float32, device=valid_ratios.device) + 0.5,
-                torch.arange(w, dtype=torch.float32, device=valid_ratios.device) + 0.5,
-                indexing='ij')
+            ref_y, ref_x = pixel_centres(h, w, valid_ratios.device)
             ref_y = ref_y.reshape(-1)[None] / (valid_ratios[:, None, lvl, 1] * h)
             ref_x = ref_x.reshape(-1)[None] / (valid_ratios[:, None, lvl, 0] * w)
             refs.append(torch.stack((ref_x, ref_y), -1))

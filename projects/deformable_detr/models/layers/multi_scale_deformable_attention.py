@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from ops import multi_scale_deformable_attn
 from .reference_points import offset_scale, sampling_locations
-from .registry import MODELS
+from ...registry import MODELS
 
 
 @MODELS.register_module()

@@ -7,7 +7,7 @@ from mmengine.dist import all_reduce
 from mmengine.structures import InstanceData
 from torch import Tensor, nn
 
-from .registry import MODELS, TASK_UTILS
+from ...registry import MODELS, TASK_UTILS
 
 
 class Target(NamedTuple):
@@ -44,6 +44,9 @@ class SetCriterion(nn.Module):
                  loss_iou: dict = dict(type='GIoULoss', loss_weight=2.0),
                  sync_cls_avg_factor: bool = True) -> None:
         super().__init__()
+        if not loss_cls.get('use_sigmoid', True):
+            raise ValueError('Deformable DETR classifies with a sigmoid (focal loss); '
+                             'loss_cls.use_sigmoid=False is not supported')
         self.num_classes = num_classes
         self.sync_cls_avg_factor = sync_cls_avg_factor
         self.assigner = TASK_UTILS.build(assigner)
@@ -62,6 +65,38 @@ class SetCriterion(nn.Module):
         if average:
             all_reduce(num, op='mean')  # a no-op outside distributed training
         return num.clamp(min=1.0)
+
+    @staticmethod
+    def matched_targets(labels: Tensor, targets: Sequence['Target'],
+                        matches: Sequence[Optional[Tuple[Tensor, Tensor]]]
+                        ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+        """What the matching assigns to the queries of a batch.
+
+        Args:
+            labels: (bs, nq) every query's label, "no object" to start with; the
+                matched queries get their objects' labels, in place.
+            targets, matches: as :meth:`loss_single` takes them.
+
+        Returns:
+            For the matched queries: their flat indices into (bs * nq), their target
+            boxes (normalised (cx, cy, w, h)) and their images' pixel factors; None
+            when nothing is matched.
+        """
+        nq = labels.shape[1]
+        pred_idx: List[Tensor] = []
+        matched: List[Tensor] = []
+        factors: List[Tensor] = []
+        for i, (target, match) in enumerate(zip(targets, matches)):
+            if match is None:
+                continue
+            query_idx, gt_idx = match
+            labels[i, query_idx] = target.labels[gt_idx]
+            pred_idx.append(query_idx + i * nq)
+            matched.append(target.bboxes[gt_idx])
+            factors.append(target.factors.expand(len(gt_idx), 4))
+        if not pred_idx:
+            return None, None, None
+        return torch.cat(pred_idx), torch.cat(matched), torch.cat(factors)
 
     def loss_single(self, cls_logits: Tensor, boxes: Tensor, targets: Sequence['Target'],
                     matches: Sequence[Optional[Tuple[Tensor, Tensor]]], num_boxes: Tensor,
@@ -83,23 +118,13 @@ class SetCriterion(nn.Module):
         """
         bs, nq, _ = cls_logits.shape
         labels = cls_logits.new_full((bs, nq), self.num_classes, dtype=torch.long)
-        pred_idx: List[Tensor] = []
-        matched_targets: List[Tensor] = []
-        factors: List[Tensor] = []
-        for i, (target, match) in enumerate(zip(targets, matches)):
-            if match is None:
-                continue
-            query_idx, gt_idx = match
-            labels[i, query_idx] = target.labels[gt_idx]
-            pred_idx.append(query_idx + i * nq)
-            matched_targets.append(target.bboxes[gt_idx])
-            factors.append(target.factors.expand(len(gt_idx), 4))
+        pred_idx, target, factor = self.matched_targets(labels, targets, matches)
         # Unmatched queries are trained towards "no object" (label num_classes).
         loss_cls = self.loss_cls(cls_logits.reshape(bs * nq, -1), labels.flatten(),
                                  avg_factor=cls_avg_factor)
-        pred = boxes.reshape(bs * nq, 4)[torch.cat(pred_idx)] if pred_idx else boxes[:0, 0]
-        target = torch.cat(matched_targets) if matched_targets else pred.detach()
-        factor = torch.cat(factors) if factors else pred.new_ones(0, 4)
+        pred = boxes.reshape(bs * nq, 4)[pred_idx] if pred_idx is not None else boxes[:0, 0]
+        if target is None:
+            target, factor = pred.detach(), pred.new_ones(0, 4)
         loss_bbox = self.loss_bbox(pred, target, avg_factor=num_boxes)
         # IoU in pixels, as mmdet computes it (GIoU is scale-free up to its eps).
         loss_iou = self.loss_iou(bbox_cxcywh_to_xyxy(pred) * factor,
@@ -130,12 +155,7 @@ class SetCriterion(nn.Module):
             the others, and ``enc_loss_*`` for the encoder proposals.
         """
         device = all_cls_logits.device
-        targets = []
-        for gt, meta in zip(batch_gt_instances, batch_img_metas):
-            h, w = meta['img_shape'][:2]
-            factors = all_boxes.new_tensor([w, h, w, h])
-            targets.append(Target(gt.labels, bbox_xyxy_to_cxcywh(gt.bboxes / factors),
-                                  factors, (h, w)))
+        targets = self.targets(batch_gt_instances, batch_img_metas, all_boxes)
         sets = list(zip(all_cls_logits, all_boxes, [targets] * len(all_cls_logits)))
         if enc_cls_logits is not None:
             # Encoder proposals are class-agnostic: every object is class 0.
@@ -150,10 +170,31 @@ class SetCriterion(nn.Module):
         num_boxes = self.num_boxes(batch_gt_instances, device)
         cls_avg_factor = num_boxes if self.sync_cls_avg_factor else self.num_boxes(
             batch_gt_instances, device, average=False)
-        per_layer = [self.loss_single(cls, boxes, set_targets, set_matches, num_boxes,
-                                      cls_avg_factor)
-                     for (cls, boxes, set_targets), set_matches in zip(sets, per_set)]
-        if enc_cls_logits is not None:
+        per_set_losses = [self.loss_single(cls, boxes, set_targets, set_matches, num_boxes,
+                                           cls_avg_factor)
+                          for (cls, boxes, set_targets), set_matches in zip(sets, per_set)]
+        return self.named(per_set_losses, with_encoder=enc_cls_logits is not None)
+
+    @staticmethod
+    def targets(batch_gt_instances: Sequence[InstanceData], batch_img_metas: Sequence[dict],
+                like: Tensor) -> List[Target]:
+        """Every image's ground truth as :class:`Target`, in the dtype and on the device
+        of ``like``."""
+        targets = []
+        for gt, meta in zip(batch_gt_instances, batch_img_metas):
+            h, w = meta['img_shape'][:2]
+            factors = like.new_tensor([w, h, w, h])
+            targets.append(Target(gt.labels, bbox_xyxy_to_cxcywh(gt.bboxes / factors),
+                                  factors, (h, w)))
+        return targets
+
+    @staticmethod
+    def named(per_set_losses: Sequence[Tuple[Tensor, Tensor, Tensor]],
+              with_encoder: bool) -> Dict[str, Tensor]:
+        """The losses of every prediction set (decoder layers, then the encoder
+        proposals when ``with_encoder``), named as mmdet names them."""
+        per_layer = list(per_set_losses)
+        if with_encoder:
             *per_layer, enc = per_layer
         # mmdet's order (last layer first): summed totals then add up in the same order.
         *aux, last = per_layer
@@ -161,6 +202,6 @@ class SetCriterion(nn.Module):
         for i, layer_losses in enumerate(aux):
             losses.update(zip((f'd{i}.loss_cls', f'd{i}.loss_bbox', f'd{i}.loss_iou'),
                               layer_losses))
-        if enc_cls_logits is not None:
+        if with_encoder:
             losses.update(zip(('enc_loss_cls', 'enc_loss_bbox', 'enc_loss_iou'), enc))
         return losses

@@ -8,28 +8,23 @@ inputs, ground truth, parameters, then every module's output in the order
 the forward pass runs). The Hungarian matcher never hands such values to scipy: an
 unmatchable image makes its losses NaN, which this check then reports.
 
-:class:`SkipNonFiniteHook`, added to a config's ``custom_hooks``, turns the error into a
-skipped step (no backward, no optimizer update, the BatchNorm statistics of the failed
+``ddetr.SkipNonFiniteHook`` (:mod:`...engine.hooks.skip_non_finite_hook`), added to a
+config's ``custom_hooks``, turns the error into a skipped step (no backward, no optimizer update, the BatchNorm statistics of the failed
 forward pass undone) and counts the skips in the log.
 
 Mixed precision: the check looks at the losses, before they are scaled; AMP's loss
 scaler looks at the gradients. An fp16 gradient overflow (finite losses) is therefore
 still skipped by the scaler, and a non-finite loss is never the scaler's business.
 """
-import logging
 from contextlib import contextmanager
 from typing import Dict, Iterator, List, Optional, Sequence, Union
 
 import torch
 from mmengine.dist import all_reduce
-from mmengine.hooks import Hook
-from mmengine.logging import MessageHub, print_log
+from mmengine.logging import MessageHub
 from torch import Tensor, nn
 
-from .registry import HOOKS
-
 LossValue = Union[Tensor, Sequence[Tensor]]
-SKIPS_KEY = 'train/non_finite_skips'  # the message hub's count of skipped steps
 
 
 class NonFiniteError(FloatingPointError):
@@ -111,9 +106,7 @@ def first_non_finite(model: nn.Module, batch_inputs: Tensor,
                for name, module in model.named_modules() if name]
     try:
         with _state_kept(model, batch_inputs.device):
-            outs = model.forward_transformer(model.extract_feat(batch_inputs),
-                                             batch_data_samples)
-            model.bbox_head(outs['hidden_states'], outs['references'])
+            model(batch_inputs, batch_data_samples, mode='tensor')  # the detector's stages
     finally:
         for handle in handles:
             handle.remove()
@@ -170,61 +163,3 @@ def check_losses(losses: Dict[str, LossValue], model: nn.Module, batch_inputs: T
         what = f'the sum of the finite loss terms overflows to {means.sum().item():g}'
     first = first_non_finite(model, batch_inputs, batch_data_samples)
     raise NonFiniteError(f'{where}: {what}; the first non-finite tensor: {first}')
-
-
-@HOOKS.register_module()
-class SkipNonFiniteHook(Hook):
-    """Skips training steps with non-finite losses instead of stopping the run.
-
-    The step does no backward pass and no optimizer update (AMP's loss scaler is left
-    alone too, and gradients accumulated by earlier steps are kept), and the buffers
-    that its forward pass changed (BatchNorm's running statistics, which a NaN image
-    poisons) get their values back. Its error is logged as a warning with the count of
-    skipped steps; the count is also the ``non_finite_skips`` value of the log lines
-    from the first skip on, and is carried over by ``--resume``.
-
-    All processes skip the same steps: :func:`check_losses` raises on all of them.
-
-    Args:
-        max_skips: Skip at most this many steps; the next non-finite one stops the
-            run (None: no limit).
-    """
-    priority = 'VERY_HIGH'
-
-    def __init__(self, max_skips: Optional[int] = None) -> None:
-        self.max_skips = max_skips
-        self.skipped = 0
-
-    def before_train(self, runner) -> None:
-        hub = runner.message_hub
-        if SKIPS_KEY in hub.log_scalars:  # resumed: the checkpoint's count
-            self.skipped = int(hub.log_scalars[SKIPS_KEY].current())
-        model = runner.model
-        train_step = model.train_step
-        buffers = list(model.buffers())
-        saved = [torch.empty_like(b) for b in buffers]
-
-        def guarded(data, optim_wrapper):
-            if buffers:
-                torch._foreach_copy_(saved, buffers)  # one fused copy, no host sync
-            try:
-                return train_step(data, optim_wrapper=optim_wrapper)
-            except NonFiniteError as err:
-                if buffers:
-                    with torch.no_grad():
-                        torch._foreach_copy_(buffers, saved)
-                self.skipped += 1
-                hub.update_scalar(SKIPS_KEY, self.skipped)
-                if self.max_skips is not None and self.skipped > self.max_skips:
-                    raise NonFiniteError(f'{err} (and {self.max_skips} steps were skipped '
-                                         'before: max_skips)') from err
-                print_log(f'skipped training step ({self.skipped} so far): {err}',
-                          logger='current', level=logging.WARNING)
-                return {}
-
-        model.train_step = guarded
-
-    def after_train_epoch(self, runner) -> None:
-        if self.skipped:
-            print_log(f'{self.skipped} training steps skipped so far (non-finite losses)',
-                      logger='current', level=logging.WARNING)

@@ -7,7 +7,7 @@ from mmdet.structures.bbox import bbox_cxcywh_to_xyxy, bbox_overlaps
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
-from .registry import TASK_UTILS
+from ....registry import TASK_UTILS
 
 
 @TASK_UTILS.register_module()

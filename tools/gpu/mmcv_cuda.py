@@ -223,6 +223,6 @@ def give_mmcv_its_cuda_kernel() -> str:
     ext = load_mmcv_cuda()
     if ext is None:
         raise RuntimeError('mmcv has no CUDA ops: set MMCV_SDIST to mmcv-2.1.0.tar.gz so that '
-                           'its kernel is compiled standalone (ops/mmcv_cuda.py)')
+                           'its kernel is compiled standalone (tools/gpu/mmcv_cuda.py)')
     install_into_mmcv(ext)
     return f"mmcv's kernel compiled standalone from {os.path.basename(os.environ['MMCV_SDIST'])}"

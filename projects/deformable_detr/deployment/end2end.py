@@ -47,7 +47,7 @@ def top_detections(cls_logits: Tensor, boxes: Tensor, img_shapes: Tensor,
 
 
 class End2EndDetector(nn.Module):
-    """A :class:`~.DeformableDETR` from normalised images to its top-k detections.
+    """A :class:`~..models.detectors.DeformableDETR` from normalised images to its top-k detections.
 
     Inputs: ``input`` (bs, 3, H, W), images as the data preprocessor makes them
     (colour order, mean and std applied, zero-padded at the bottom and right to one

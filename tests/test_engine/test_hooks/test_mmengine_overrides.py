@@ -25,14 +25,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(
 # sha256 of the source of each MMEngine function, as MMENGINE_CHECKED has it.
 CHECKED_SOURCES = {
     # replaced by ExactResumeHook._save_checkpoint_with_step
-    'CheckpointHook._save_checkpoint_with_step': 'TBD',
+    'CheckpointHook._save_checkpoint_with_step':
+        'cdbc1b54c7c88d9525ab025a9d51a3d3be6e6e36396c0f1151ecf51281fd3482',
     # wrapped by ExactResumeHook._save_best_checkpoint: its file_backend.remove held back
-    'CheckpointHook._save_best_checkpoint': 'TBD',
+    'CheckpointHook._save_best_checkpoint':
+        '8e1e477297ea08d7125b641c662fc44f5023556b72059986b043b4f147e03f26',
     # the callers of the two: when and with what they are called
-    'CheckpointHook._save_checkpoint': 'TBD',
-    'CheckpointHook.after_val_epoch': 'TBD',
+    'CheckpointHook._save_checkpoint':
+        'ec62a0a4f987522f99c63299bc648d92f4674fbfafddd0aeaf74604547eb2c17',
+    'CheckpointHook.after_val_epoch':
+        '33bfcf2694855d0b26671d4838ddd6027d27d69eb84cf4dc368a38c4a146c2a4',
     # FineTuneHook reads runner._resume, set here
-    'Runner.__init__': 'TBD',
+    'Runner.__init__':
+        'cad02923a964ffc47143717217d03d0212a0946f9e911e95d2aeaa3836a71c6a',
 }
 OWNERS = {'CheckpointHook': MMEngineCheckpointHook, 'Runner': Runner}
 

@@ -84,7 +84,7 @@ class DeformableDETRHead(nn.Module):
             raise ValueError(f'unknown train_cfg/test_cfg keys of DeformableDETRHead: '
                              f'{sorted(unknown)} (it knows assigner and max_per_img)')
         self.test_cfg = {'max_per_img': 100, **(test_cfg or {})}
-        criterion = dict(type='SetCriterion', **(criterion or {}))
+        criterion = {'type': 'SetCriterion', **(criterion or {})}
         given = dict(sync_cls_avg_factor=sync_cls_avg_factor, loss_cls=loss_cls,
                      loss_bbox=loss_bbox, loss_iou=loss_iou,
                      assigner=(train_cfg or {}).get('assigner'))

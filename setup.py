@@ -17,6 +17,7 @@ CSRC = os.path.join('ops', 'csrc')
 def make_extension():
     sources = [os.path.join(CSRC, 'multi_scale_deformable_attn.cpp')]
     sources += glob.glob(os.path.join(CSRC, 'cpu', '*.cpp'))
+    sources += glob.glob(os.path.join(CSRC, 'autocast', '*.cpp'))
     # -fopenmp: at::parallel_for is inlined into this library and parallelises through
     # OpenMP pragmas; without the flag it silently runs on one thread.
     args = {'cxx': ['-O3', '-fopenmp']}

@@ -24,7 +24,8 @@ if ROOT not in sys.path:
 import mmcv  # noqa: E402
 from mmdet.apis import DetInferencer  # noqa: E402
 
-from projects.deformable_detr.config_file import load_config  # noqa: E402
+from projects.deformable_detr.checkpoint import allow_mmengine_checkpoints  # noqa: E402
+from projects.deformable_detr.engine.config_file import load_config  # noqa: E402
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
 
@@ -66,6 +67,7 @@ def main() -> None:
     if not osp.isfile(args.weights):
         raise SystemExit(f'--weights {args.weights!r} is not a file')
     paths = image_paths(args.inputs)
+    allow_mmengine_checkpoints()  # the weights: an MMEngine checkpoint, torch>=2.6
     inferencer = DetInferencer(model=cfg, weights=args.weights, device=args.device)
     classes = inferencer.model.dataset_meta.get('classes', ())
     result = inferencer(paths, batch_size=args.batch_size, return_vis=True, no_save_vis=True,

@@ -40,6 +40,16 @@ def _check_shapes(value: Tensor, spatial_shapes: Tensor, level_start_index: Tens
     args = dict(value=value, spatial_shapes=spatial_shapes,
                 level_start_index=level_start_index,
                 sampling_locations=sampling_locations, attention_weights=attention_weights)
+    _check_kinds(args)
+    _check_sizes(value, spatial_shapes, level_start_index, sampling_locations,
+                 attention_weights)
+
+
+def _check_kinds(args: dict) -> None:
+    """Checks that the arguments (by name) are tensors of the right ranks, dtypes and
+    device."""
+    value, sampling_locations, attention_weights = (
+        args['value'], args['sampling_locations'], args['attention_weights'])
     for name, t in args.items():
         if not isinstance(t, Tensor):
             raise TypeError(f'{name} must be a torch.Tensor, got {type(t).__name__}')
@@ -66,6 +76,10 @@ def _check_shapes(value: Tensor, spatial_shapes: Tensor, level_start_index: Tens
                         f'(got {value.dtype}, {sampling_locations.dtype}, '
                         f'{attention_weights.dtype}); cast them, or run under torch.autocast')
 
+
+def _check_sizes(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
+                 sampling_locations: Tensor, attention_weights: Tensor) -> None:
+    """Checks that the sizes the arguments share agree, and that none is zero."""
     bs, num_keys, heads, dim = value.shape
     lbs, nq, lheads, levels, points, two = sampling_locations.shape
     if spatial_shapes.shape[1] != 2:

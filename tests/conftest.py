@@ -5,6 +5,7 @@ import sys
 from typing import Callable, Dict, Optional, Sequence
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL_TIMEOUT = 240  # seconds: the longest tool run of the tests takes well under a minute
@@ -90,3 +91,17 @@ def assert_same_detections() -> Callable[..., None]:
     """Checks two sets of detections, matched one to one: see
     :func:`_assert_same_detections`."""
     return _assert_same_detections
+
+
+@pytest.fixture
+def one_thread():
+    """Runs a test on one intra-op thread, then restores the setting.
+
+    The tensors here are tiny: a second thread only adds synchronisation, and on a
+    busy 2-core machine OpenMP threads waiting for each other cost ~10x the work.
+    ``TEST_THREADS`` sets another count (``make test-numerics`` runs 1 and 2).
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(int(os.environ.get('TEST_THREADS', '1')))
+    yield
+    torch.set_num_threads(threads)

@@ -17,11 +17,10 @@ from mmengine.config import Config, DictAction  # noqa: E402
 from mmengine.registry import RUNNERS  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
 
-# safe_checkpoint: MMEngine checkpoints load under torch>=2.6
-import projects.deformable_detr.safe_checkpoint  # noqa: E402,F401
-from projects.deformable_detr.config_file import TEST_KEYS, load_config  # noqa: E402
-from projects.deformable_detr.engine import (close_distributed, run_main,  # noqa: E402
-                                             setup_cpu_distributed)
+from projects.deformable_detr.checkpoint import allow_mmengine_checkpoints  # noqa: E402
+from projects.deformable_detr.engine.launch import (close_distributed, run_main,  # noqa: E402
+                                                    setup_cpu_distributed)
+from projects.deformable_detr.engine.config_file import TEST_KEYS, load_config  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -87,6 +86,7 @@ def enable_tta(cfg: Config) -> None:
 
 def main() -> None:
     args = parse_args()
+    allow_mmengine_checkpoints()  # MMEngine checkpoints load under torch>=2.6
     cfg = load_config(args.config, args.cfg_options, needs=TEST_KEYS)
     cfg.launcher = args.launcher
     if args.work_dir is not None:

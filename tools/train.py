@@ -15,12 +15,13 @@ from mmengine.config import DictAction  # noqa: E402
 from mmengine.registry import RUNNERS  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
 
-# safe_checkpoint: MMEngine checkpoints load under torch>=2.6 (--resume)
-import projects.deformable_detr.safe_checkpoint  # noqa: E402,F401
-from projects.deformable_detr.config_file import TRAIN_KEYS, load_config  # noqa: E402
-from projects.deformable_detr.engine import (close_distributed, run_main,  # noqa: E402
-                                             setup_amp, setup_cpu_distributed)
-from projects.deformable_detr.resume import use_exact_resume  # noqa: E402
+from projects.deformable_detr.checkpoint import allow_mmengine_checkpoints  # noqa: E402
+from projects.deformable_detr.engine.hooks.exact_resume_hook import \
+    use_exact_resume  # noqa: E402
+from projects.deformable_detr.engine.launch import (close_distributed, run_main,  # noqa: E402
+                                                    setup_cpu_distributed)
+from projects.deformable_detr.engine.optimizers import setup_amp  # noqa: E402
+from projects.deformable_detr.engine.config_file import TRAIN_KEYS, load_config  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -69,8 +70,9 @@ def main() -> None:
         cfg.resume, cfg.load_from = True, None
     elif args.resume is not None:
         cfg.resume, cfg.load_from = True, args.resume
-    use_exact_resume(cfg)  # MMEngine's CheckpointHook -> ddetr.CheckpointHook
+    use_exact_resume(cfg)  # MMEngine's CheckpointHook -> ddetr.ExactResumeHook
     setup_cpu_distributed(cfg)
+    allow_mmengine_checkpoints()  # MMEngine checkpoints load under torch>=2.6 (--resume)
 
     runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
     runner.train()

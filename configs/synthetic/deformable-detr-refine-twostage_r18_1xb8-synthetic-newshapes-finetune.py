@@ -2,7 +2,7 @@
 # shapes) on three shapes it has never seen: diamond, hexagon, ring. Every tensor of the
 # checkpoint is loaded except the class branches (5 -> 3 classes), which keep the model's
 # initialisation; ddetr.FineTuneHook logs each by name with both shapes, and refuses any
-# other mismatch (projects/deformable_detr/fine_tune.py). The data:
+# other mismatch (projects/deformable_detr/checkpoint/class_branches.py). The data:
 #
 #   python tools/dataset_converters/synthetic_coco.py --out data/synthetic_newshapes \
 #       --classes diamond hexagon ring --num-train 1000 --num-val 200 --seed 1

@@ -52,11 +52,9 @@ model = dict(
     bbox_head=dict(
         type='ddetr.DeformableDETRHead',
         num_classes=5,
-        sync_cls_avg_factor=True,
-        loss_cls=dict(type='FocalLoss', use_sigmoid=True, gamma=2.0, alpha=0.25,
-                      loss_weight=2.0),
-        loss_bbox=dict(type='L1Loss', loss_weight=5.0),
-        loss_iou=dict(type='GIoULoss', loss_weight=2.0)),
+        # The paper's set loss: focal (weight 2), L1 (5) and GIoU (2), the defaults of
+        # SetCriterion (change them here: loss_cls=dict(...), loss_bbox, loss_iou).
+        criterion=dict(type='ddetr.SetCriterion', sync_cls_avg_factor=True)),
     train_cfg=dict(
         assigner=dict(type='ddetr.HungarianAssigner', cls_weight=2.0, l1_weight=5.0,
                       giou_weight=2.0)),

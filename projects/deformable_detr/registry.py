@@ -46,12 +46,12 @@ def build_here(cfg: Any, registry: Registry, default_args: Optional[dict] = None
 
 
 MODELS = Registry('model', parent=mmdet_registry.MODELS, scope='ddetr',
-                  locations=['projects.deformable_detr'], build_func=build_here)
+                  locations=['projects.deformable_detr.models'], build_func=build_here)
 TASK_UTILS = Registry('task util', parent=mmdet_registry.TASK_UTILS, scope='ddetr',
-                      locations=['projects.deformable_detr'], build_func=build_here)
+                      locations=['projects.deformable_detr.models'], build_func=build_here)
 HOOKS = Registry('hook', parent=mmdet_registry.HOOKS, scope='ddetr',
-                 locations=['projects.deformable_detr'])
+                 locations=['projects.deformable_detr.engine'])
 DATASETS = Registry('dataset', parent=mmdet_registry.DATASETS, scope='ddetr',
                     locations=['projects.deformable_detr.datasets'])
 METRICS = Registry('metric', parent=mmdet_registry.METRICS, scope='ddetr',
-                   locations=['projects.deformable_detr.datasets'])
+                   locations=['projects.deformable_detr.evaluation'])

@@ -11,7 +11,8 @@ pytest.importorskip('mmdet')
 from mmengine.structures import InstanceData  # noqa: E402
 
 from projects.deformable_detr.datasets import coco as coco_module  # noqa: E402
-from projects.deformable_detr.datasets import CocoMetric, DatasetError  # noqa: E402
+from projects.deformable_detr.datasets import DatasetError  # noqa: E402
+from projects.deformable_detr.evaluation import CocoMetric  # noqa: E402
 from projects.deformable_detr.datasets.data_check import check_image_file  # noqa: E402
 
 

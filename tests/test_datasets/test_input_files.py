@@ -13,7 +13,8 @@ import pytest
 
 pytest.importorskip('mmdet')
 
-from projects.deformable_detr.datasets import CocoMetric, DatasetError  # noqa: E402
+from projects.deformable_detr.datasets import DatasetError  # noqa: E402
+from projects.deformable_detr.evaluation import CocoMetric  # noqa: E402
 from projects.deformable_detr.datasets.input_files import load_annotation_file  # noqa: E402
 
 

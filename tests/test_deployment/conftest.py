@@ -20,7 +20,10 @@ from mmdet.structures import DetDataSample  # noqa: E402
 from mmengine.config import Config  # noqa: E402
 from mmengine.logging import MMLogger  # noqa: E402
 
+from projects.deformable_detr.checkpoint import allow_mmengine_checkpoints  # noqa: E402
 from projects.deformable_detr.deployment import build_detector  # noqa: E402
+
+allow_mmengine_checkpoints()  # load_weights of Runner checkpoints, as the tools do
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 # The configs the tests export, by the names they are parametrised with: the CPU demo

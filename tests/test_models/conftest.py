@@ -117,20 +117,6 @@ def _build_demo_model() -> torch.nn.Module:
     return model
 
 
-@pytest.fixture
-def one_thread():
-    """Runs a test on one intra-op thread, then restores the setting.
-
-    The tensors here are tiny: a second thread only adds synchronisation, and on a
-    busy 2-core machine OpenMP threads waiting for each other cost ~10x the work.
-    ``TEST_THREADS`` sets another count (``make test-numerics`` runs 1 and 2).
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(int(os.environ.get('TEST_THREADS', '1')))
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope='session')
 def config_path() -> Callable[..., str]:
     """Path of a COCO config, ours or mmdet's: see :func:`_config_path`."""

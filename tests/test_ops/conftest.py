@@ -3,10 +3,16 @@
 Each fixture hands the tests a function (session-scoped, so that hypothesis tests can
 use them too).
 """
+import os
+import sys
 from typing import Callable, Dict, Sequence, Tuple
 
 import pytest
 import torch
+
+# tools/gpu/mmcv_cuda.py: mmcv's CUDA kernel, the reference of the GPU tests
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))), 'tools', 'gpu'))
 
 
 def _make_inputs(shapes: Sequence[Tuple[int, int]], bs: int = 2, heads: int = 8, dim: int = 32,

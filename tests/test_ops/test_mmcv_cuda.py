@@ -1,10 +1,10 @@
-"""ops/mmcv_cuda.py on a machine without a GPU: how mmcv's CUDA build is told apart."""
+"""tools/gpu/mmcv_cuda.py on a machine without a GPU: how mmcv's CUDA build is told apart."""
 import tarfile
 
 import pytest
 import torch
 
-from ops.mmcv_cuda import extract_mmcv_sources, load_mmcv_cuda, mmcv_has_cuda_ops
+from mmcv_cuda import extract_mmcv_sources, load_mmcv_cuda, mmcv_has_cuda_ops
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason='mmcv may have CUDA ops here')

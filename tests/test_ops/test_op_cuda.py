@@ -1,7 +1,7 @@
 """The CUDA kernel against the CPU kernel and mmcv's CUDA op (skipped without a GPU).
 
 mmcv's kernel comes from mmcv's own CUDA build or, where mmcv has CPU ops only, from
-its source distribution named by ``$MMCV_SDIST`` (``ops/mmcv_cuda.py``); the tests
+its source distribution named by ``$MMCV_SDIST`` (``tools/gpu/mmcv_cuda.py``); the tests
 against it skip where neither exists. ``tools/gpu/check_all.sh`` runs this file on a GPU.
 """
 import math
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ops import has_kernel, multi_scale_deformable_attn, multi_scale_deformable_attn_pytorch
-from ops.mmcv_cuda import load_mmcv_cuda, mmcv_cuda_attention
+from mmcv_cuda import load_mmcv_cuda, mmcv_cuda_attention
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
 
@@ -266,7 +266,7 @@ def test_cuda_graph_replay_matches_eager(make_inputs, forward_backward):
 def test_torch_compile_inductor_of_a_layer(make_inputs):
     """The attention layer of the detector, compiled with inductor, matches eager in
     forward and backward (the op is one node: no graph break)."""
-    from projects.deformable_detr.multi_scale_deformable_attention import \
+    from projects.deformable_detr.models.layers.multi_scale_deformable_attention import \
         MultiScaleDeformableAttention
     torch.manual_seed(0)
     layer = MultiScaleDeformableAttention(embed_dims=256, num_heads=8, num_levels=4,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from projects.deformable_detr.flops import FLOP_HANDLES
+from projects.deformable_detr.utils.flops import FLOP_HANDLES
 
 TOOLS = 'tools/analysis_tools'
 

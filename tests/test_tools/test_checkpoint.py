@@ -13,7 +13,9 @@ import torch
 from mmengine.logging import HistoryBuffer
 from mmengine.runner import CheckpointLoader
 
-from projects.deformable_detr import safe_checkpoint
+from projects.deformable_detr import checkpoint as safe_checkpoint
+
+safe_checkpoint.allow_mmengine_checkpoints()  # what the tools do first
 
 
 class RunsCode:

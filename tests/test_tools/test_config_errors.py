@@ -6,7 +6,7 @@ import pytest
 
 pytest.importorskip('mmdet')
 
-from projects.deformable_detr.config_file import (TEST_KEYS, TRAIN_KEYS,  # noqa: E402
+from projects.deformable_detr.engine.config_file import (TEST_KEYS, TRAIN_KEYS,  # noqa: E402
                                                   ConfigError, load_config)
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))

@@ -15,7 +15,9 @@ import socket
 import pytest
 import torch
 
-import projects.deformable_detr.safe_checkpoint  # noqa: F401  (torch.load of Runner checkpoints)
+from projects.deformable_detr.checkpoint import allow_mmengine_checkpoints
+
+allow_mmengine_checkpoints()  # torch.load of Runner checkpoints
 
 HERE = osp.dirname(osp.abspath(__file__))
 DEMO = osp.join(osp.dirname(osp.dirname(HERE)), 'configs', 'synthetic',

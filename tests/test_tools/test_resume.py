@@ -15,7 +15,9 @@ from typing import List
 import pytest
 import torch
 
-import projects.deformable_detr.safe_checkpoint  # noqa: F401  (torch.load of Runner checkpoints)
+from projects.deformable_detr.checkpoint import allow_mmengine_checkpoints
+
+allow_mmengine_checkpoints()  # torch.load of Runner checkpoints
 
 
 def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, tiny_setup, baseline_run,

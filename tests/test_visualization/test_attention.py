@@ -24,7 +24,7 @@ from mmengine.logging import MMLogger  # noqa: E402
 from mmengine.registry import init_default_scope  # noqa: E402
 from PIL import Image  # noqa: E402
 
-import projects.deformable_detr.multi_scale_deformable_attention as msda  # noqa: E402
+import projects.deformable_detr.models.layers.multi_scale_deformable_attention as msda  # noqa: E402
 from projects.deformable_detr.visualization import (capture_attention,  # noqa: E402
                                                     visualize_attention)
 from projects.deformable_detr.visualization.attention import load_images  # noqa: E402

@@ -9,7 +9,7 @@ is CUDA-only (``model.cuda()``, ``torch.cuda.synchronize``); the subclass here r
 whatever device MMEngine picks, the CPU included. ``--amp fp16`` (or ``bf16``) runs the
 model under ``torch.autocast``. On a GPU, mmdet's own Deformable DETR configs run
 mmcv's CUDA kernel, from mmcv's CUDA build or compiled standalone from ``$MMCV_SDIST``
-(``ops/mmcv_cuda.py``).
+(``tools/gpu/mmcv_cuda.py``).
 """
 import argparse
 import logging
@@ -32,8 +32,8 @@ from mmengine.logging import print_log  # noqa: E402
 from mmengine.registry import init_default_scope  # noqa: E402
 from mmengine.runner import load_checkpoint  # noqa: E402
 
-import projects.deformable_detr.safe_checkpoint  # noqa: E402,F401
-from projects.deformable_detr.config_file import load_config  # noqa: E402
+from projects.deformable_detr.checkpoint import allow_mmengine_checkpoints  # noqa: E402
+from projects.deformable_detr.engine.config_file import load_config  # noqa: E402
 
 
 def _sync() -> None:
@@ -129,6 +129,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    allow_mmengine_checkpoints()  # --checkpoint: an MMEngine checkpoint, torch>=2.6
     cfg = load_config(args.config, args.cfg_options)  # imports its custom_imports
     init_default_scope(cfg.get('default_scope', 'mmdet'))
     distributed = args.launcher != 'none'
@@ -146,7 +147,9 @@ def main() -> None:
     if args.task == 'inference':
         if torch.cuda.is_available() and not cfg.model.type.startswith('ddetr.'):
             # mmdet's own model (mmcv's attention layers) may need mmcv's kernel
-            from ops.mmcv_cuda import give_mmcv_its_cuda_kernel
+            sys.path.insert(0, osp.join(osp.dirname(osp.dirname(osp.abspath(__file__))),
+                                        'gpu'))
+            from mmcv_cuda import give_mmcv_its_cuda_kernel
             try:
                 print_log(f'mmcv attention layers: {give_mmcv_its_cuda_kernel()}', logger)
             except RuntimeError as err:

@@ -12,7 +12,7 @@ peak memory of each, and checks that the two models agree on the losses.
 
 On a GPU mmdet's model runs mmcv's CUDA kernel: mmcv's own CUDA build, or, where mmcv
 has CPU ops only, mmcv's kernel compiled standalone from its source distribution
-(``MMCV_SDIST``, see ``ops/mmcv_cuda.py``). ``--amp`` runs both under ``torch.autocast``
+(``MMCV_SDIST``, see ``tools/gpu/mmcv_cuda.py``). ``--amp`` runs both under ``torch.autocast``
 (fp16 or bf16); mmcv has no bf16 kernel, so ``--amp bf16`` times ours only.
 """
 import argparse
@@ -37,8 +37,10 @@ from mmengine.logging import MMLogger  # noqa: E402
 from mmengine.registry import init_default_scope  # noqa: E402
 from mmengine.structures import InstanceData  # noqa: E402
 
-from ops.mmcv_cuda import give_mmcv_its_cuda_kernel  # noqa: E402
-from projects.deformable_detr.converters import mmdet_to_ours  # noqa: E402
+from projects.deformable_detr.checkpoint.converters import mmdet_to_ours  # noqa: E402
+
+sys.path.insert(0, os.path.join(ROOT, 'tools', 'gpu'))  # mmcv_cuda: the reference kernel
+from mmcv_cuda import give_mmcv_its_cuda_kernel  # noqa: E402
 
 VARIANTS = {  # ours, mmdet's (file names are the same in both trees)
     'plain': 'deformable-detr_r50_16xb2-50e_coco.py',

@@ -4,7 +4,7 @@ Forward, and forward + backward, at the shapes Deformable DETR runs: the encoder
 512x512 and of an 800x1333 image (queries = keys, strides 8/16/32/64) and the 300
 decoder queries, at batch 2 (and 8 on a GPU). On a CPU mmcv has only its pure-PyTorch
 path; on a GPU its CUDA kernel, from mmcv's own CUDA build or compiled standalone from
-its source distribution (``MMCV_SDIST=mmcv-2.1.0.tar.gz``, see ``ops/mmcv_cuda.py``).
+its source distribution (``MMCV_SDIST=mmcv-2.1.0.tar.gz``, see ``tools/gpu/mmcv_cuda.py``).
 
     python tools/analysis_tools/benchmark_multi_scale_deformable_attn.py             # CPU, float32
     MMCV_SDIST=mmcv-2.1.0.tar.gz python tools/analysis_tools/benchmark_multi_scale_deformable_attn.py \
@@ -27,7 +27,9 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 import torch  # noqa: E402
 
 from ops import multi_scale_deformable_attn  # noqa: E402
-from ops.mmcv_cuda import load_mmcv_cuda, mmcv_cuda_attention  # noqa: E402
+
+sys.path.insert(0, osp.join(osp.dirname(osp.dirname(osp.abspath(__file__))), 'gpu'))
+from mmcv_cuda import load_mmcv_cuda, mmcv_cuda_attention  # noqa: E402
 
 HEADS, DIM, POINTS = 8, 32, 4
 

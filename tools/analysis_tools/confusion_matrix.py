@@ -22,7 +22,7 @@ from mmengine.config import DictAction  # noqa: E402
 from mmengine.fileio import load  # noqa: E402
 from mmengine.registry import init_default_scope  # noqa: E402
 from mmengine.utils import ProgressBar  # noqa: E402
-from projects.deformable_detr.config_file import load_config  # noqa: E402
+from projects.deformable_detr.engine.config_file import load_config  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:

@@ -6,7 +6,7 @@ Counts with MMEngine's ``FlopAnalyzer`` (the analyzer behind
 ``mmengine.analysis.get_model_complexity_info``; fvcore's convention: one
 multiply-add is one FLOP). Tracing sees our op as one node,
 ``ddetr::multi_scale_deformable_attn``, that no default handle knows;
-:mod:`projects.deformable_detr.flops` counts it (and the decoder's fused
+:mod:`projects.deformable_detr.utils.flops` counts it (and the decoder's fused
 self-attention). Without ``--shape`` the count is averaged over the first
 ``--num-images`` images of the test set after its pipeline, as the DETR papers report
 it; with ``--shape H W`` it is for one H x W input.
@@ -28,9 +28,9 @@ from mmengine.registry import init_default_scope  # noqa: E402
 from mmengine.runner import Runner, load_checkpoint  # noqa: E402
 from mmengine.utils import ProgressBar  # noqa: E402
 
-import projects.deformable_detr.safe_checkpoint  # noqa: E402,F401  (--checkpoint)
-from projects.deformable_detr.flops import FLOP_HANDLES  # noqa: E402
-from projects.deformable_detr.config_file import load_config  # noqa: E402
+from projects.deformable_detr.checkpoint import allow_mmengine_checkpoints  # noqa: E402
+from projects.deformable_detr.utils.flops import FLOP_HANDLES  # noqa: E402
+from projects.deformable_detr.engine.config_file import load_config  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -74,6 +74,7 @@ def fixed_shape_batch(shape: List[int]) -> dict:
 
 def main() -> None:
     args = parse_args()
+    allow_mmengine_checkpoints()  # --checkpoint: an MMEngine checkpoint, torch>=2.6
     cfg = load_config(args.config, args.cfg_options)  # imports its custom_imports
     init_default_scope(cfg.get('default_scope', 'mmdet'))
     from mmdet.registry import MODELS

@@ -9,7 +9,7 @@ preprocessor does it and zero-padded to one size, and ``img_shapes`` (N, 2) int6
 the input) and ``labels`` (N, k), k = ``test_cfg.max_per_img``. ``--op-mode onnx`` writes
 multi-scale deformable attention in standard ONNX (GridSample), which onnxruntime runs;
 ``--op-mode custom`` writes TensorRT's ``MultiscaleDeformableAttnPlugin_TRT`` node.
-See ``projects/deformable_detr/deployment.py`` and docs/deployment.md.
+See ``projects/deformable_detr/deployment/`` and docs/deployment.md.
 """
 import argparse
 import os
@@ -21,10 +21,11 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 import torch  # noqa: E402
 from mmengine.config import DictAction  # noqa: E402
 
-from projects.deformable_detr.deployment import (OP_MODES, ExportError,  # noqa: E402
-                                                 build_detector, check_opset, export_onnx,
+from projects.deformable_detr.checkpoint import (allow_mmengine_checkpoints,  # noqa: E402
                                                  load_weights)
-from projects.deformable_detr.config_file import load_config  # noqa: E402
+from projects.deformable_detr.engine.config_file import load_config  # noqa: E402
+from projects.deformable_detr.deployment import (OP_MODES, ExportError,  # noqa: E402
+                                                 build_detector, check_opset, export_onnx)
 
 
 def parse_args() -> argparse.Namespace:
@@ -51,6 +52,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    allow_mmengine_checkpoints()  # the checkpoint: an MMEngine one, torch>=2.6
     if min(args.shape) <= 0 or args.batch <= 0:
         sys.exit(f'error: --shape and --batch must be positive, got {args.shape}, {args.batch}')
     try:

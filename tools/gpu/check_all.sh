@@ -78,8 +78,8 @@ if has build; then
         mmcv_cpu_pid=$!
     fi
     say "build: ours (FORCE_CUDA=1, arch $TORCH_CUDA_ARCH_LIST) and mmcv's kernel alone, in parallel"
-    # mmcv_cuda.py needs only torch: imported alone, not with the ops package being built.
-    (cd ops && MAX_JOBS=4 run 240 build_mmcv_kernel.log "$PY" -c \
+    # tools/gpu/mmcv_cuda.py needs only torch: imported alone, not with ops being built.
+    (cd tools/gpu && MAX_JOBS=4 run 240 build_mmcv_kernel.log "$PY" -c \
         "import os, mmcv_cuda; mmcv_cuda.build_mmcv_cuda(os.environ['MMCV_SDIST'], verbose=True)") &
     kernel_pid=$!
     FORCE_CUDA=1 MAX_JOBS=4 run 240 build_ours.log "$PY" setup.py build_ext --inplace

@@ -4,7 +4,7 @@
 # scipy, opencv, matplotlib, pytest, hypothesis, onnx, onnxruntime, but no network and
 # nothing of OpenMMLab's.
 #   - mmcv 2.1.0's source distribution: its multi-scale deformable attention CUDA kernel
-#     is compiled standalone there (ops/mmcv_cuda.py); for the detector check mmcv is also
+#     is compiled standalone there (tools/gpu/mmcv_cuda.py); for the detector check mmcv is also
 #     built there with CPU ops only;
 #   - wheels for Python 3.12 of mmengine, mmdet, pycocotools and their small dependencies.
 # Then, on the GPU machine with .gpu/ beside the checkout: `bash tools/gpu/check_all.sh`.

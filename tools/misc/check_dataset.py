@@ -19,7 +19,7 @@ if ROOT not in sys.path:
 
 from mmengine.config import DictAction  # noqa: E402
 from mmengine.registry import init_default_scope  # noqa: E402
-from projects.deformable_detr.config_file import ConfigError, load_config  # noqa: E402
+from projects.deformable_detr.engine.config_file import ConfigError, load_config  # noqa: E402
 from projects.deformable_detr.datasets.input_files import DatasetError  # noqa: E402
 
 

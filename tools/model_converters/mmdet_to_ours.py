@@ -4,7 +4,7 @@
 
 The layouts are the same key for key, but for the neck conv biases that mmdet drops:
 they are added as zeros, so that the result loads strictly. The conversion is
-:func:`projects.deformable_detr.converters.mmdet_to_ours`.
+:func:`projects.deformable_detr.checkpoint.converters.mmdet_to_ours`.
 """
 import argparse
 import os.path as osp
@@ -14,8 +14,9 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 
 import torch  # noqa: E402
 
-from projects.deformable_detr.converters import mmdet_to_ours  # noqa: E402
-from projects.deformable_detr.safe_checkpoint import load_local_checkpoint  # noqa: E402
+from projects.deformable_detr.checkpoint.converters import mmdet_to_ours  # noqa: E402
+from projects.deformable_detr.checkpoint import (allow_mmengine_checkpoints,  # noqa: E402
+                                                 load_local_checkpoint)
 
 
 def main() -> None:
@@ -23,6 +24,7 @@ def main() -> None:
     parser.add_argument('src', help='mmdet checkpoint (.pth)')
     parser.add_argument('dst', help='where to write the converted checkpoint')
     args = parser.parse_args()
+    allow_mmengine_checkpoints()  # the input may be an MMEngine checkpoint (torch>=2.6)
     ckpt = load_local_checkpoint(args.src, map_location='cpu')
     state_dict = ckpt.get('state_dict', ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(state_dict, dict):

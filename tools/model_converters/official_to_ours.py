@@ -8,7 +8,7 @@ classifier is class-agnostic (its channel 0 ranks the encoder proposals): it kee
 first 80 rows, channel 0 included. Use the config of the same variant (plain / refine /
 refine-twostage, single-scale or not) to load the result; with ``--keep-classes``, set
 ``model.bbox_head.num_classes=91``.
-The renaming is :func:`projects.deformable_detr.converters.official_to_ours`.
+The renaming is :func:`projects.deformable_detr.checkpoint.converters.official_to_ours`.
 """
 import argparse
 import os.path as osp
@@ -18,8 +18,9 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 
 import torch  # noqa: E402
 
-from projects.deformable_detr.converters import COCO_IDS, official_to_ours  # noqa: E402
-from projects.deformable_detr.safe_checkpoint import load_local_checkpoint  # noqa: E402
+from projects.deformable_detr.checkpoint.converters import COCO_IDS, official_to_ours  # noqa: E402
+from projects.deformable_detr.checkpoint import (allow_mmengine_checkpoints,  # noqa: E402
+                                                 load_local_checkpoint)
 
 
 def main() -> None:
@@ -30,6 +31,7 @@ def main() -> None:
                         help='keep all 91 classifier rows as they are (for a model with '
                         'num_classes=91)')
     args = parser.parse_args()
+    allow_mmengine_checkpoints()  # the input may be an MMEngine checkpoint (torch>=2.6)
     ckpt = load_local_checkpoint(args.src, map_location='cpu')
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get('model'), dict):
         raise SystemExit(f'{args.src}: expected an official checkpoint with a "model" dict')

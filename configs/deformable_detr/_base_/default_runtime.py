@@ -8,8 +8,9 @@ default_hooks = dict(
     logger=dict(type='LoggerHook', interval=50),
     param_scheduler=dict(type='ParamSchedulerHook'),
     # MMEngine's CheckpointHook, plus the RNG states of every process in each checkpoint
-    # (exact resume) and atomic files (crash-safe): see projects/deformable_detr/resume.py
-    checkpoint=dict(type='ddetr.CheckpointHook', interval=1),
+    # (exact resume) and atomic files (crash-safe): see
+    # projects/deformable_detr/engine/hooks/exact_resume_hook.py
+    checkpoint=dict(type='ddetr.ExactResumeHook', interval=1),
     sampler_seed=dict(type='DistSamplerSeedHook'),
     visualization=dict(type='DetVisualizationHook'))
 

@@ -28,8 +28,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..multi_scale_deformable_attention import MultiScaleDeformableAttention
-from ..transformer import padding_masks, valid_ratio
+from ..models.layers.deformable_transformer import padding_masks, valid_ratio
+from ..models.layers.multi_scale_deformable_attention import MultiScaleDeformableAttention
 
 # ----------------------------------------------------------------------------------
 # Capture
@@ -90,11 +90,8 @@ def valid_ratios(metainfos: Sequence[dict], level_shapes: Sequence[Tuple[int, in
     Built from the same padding masks as the model's (the batch's ``img_shape`` and
     ``batch_input_shape``), so rounding on coarse levels is the model's rounding.
     """
-    masks = padding_masks([m['img_shape'][:2] for m in metainfos],
-                          metainfos[0]['batch_input_shape'], level_shapes,
-                          torch.device('cpu'))
-    if masks is None:
-        return torch.ones(len(metainfos), len(level_shapes), 2)
+    img_shapes = torch.tensor([m['img_shape'][:2] for m in metainfos])
+    masks = padding_masks(img_shapes, metainfos[0]['batch_input_shape'], level_shapes)
     return torch.stack([valid_ratio(m) for m in masks], 1)
 
 

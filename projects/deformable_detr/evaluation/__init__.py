@@ -1,0 +1,4 @@
+"""Evaluation: the metrics."""
+from .metrics import CocoMetric
+
+__all__ = ['CocoMetric']

@@ -1,0 +1,3 @@
+from .dilated_resnet import DilatedResNet
+
+__all__ = ['DilatedResNet']

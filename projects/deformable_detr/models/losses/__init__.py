@@ -1,0 +1,3 @@
+from .set_criterion import SetCriterion
+
+__all__ = ['SetCriterion']

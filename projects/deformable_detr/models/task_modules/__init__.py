@@ -1,0 +1,3 @@
+from .assigners import HungarianAssigner
+
+__all__ = ['HungarianAssigner']

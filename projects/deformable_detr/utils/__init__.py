@@ -1,0 +1,3 @@
+from .flops import FLOP_HANDLES
+
+__all__ = ['FLOP_HANDLES']

@@ -6,11 +6,14 @@ for torch.compile / torch.export, autograd) and the public
 :func:`multi_scale_deformable_attn`, which checks its arguments before any kernel
 sees them.
 """
+import contextlib
 import warnings
+from typing import Iterator
 
 import torch
 from torch import Tensor
 
+from .multi_scale_deformable_attn_gather import multi_scale_deformable_attn_gather
 from .multi_scale_deformable_attn_pytorch import multi_scale_deformable_attn_pytorch
 
 try:
@@ -24,6 +27,26 @@ except ImportError as _err:  # not built: the pure-PyTorch path still works
 # Read once: a constant to torch.compile.
 _KERNEL_DEVICES = frozenset() if _C is None else frozenset(
     ('cpu', 'cuda') if _C.with_cuda else ('cpu', ))
+
+
+# Set by gather_sampling(): compute with the gather expression instead of the kernels.
+_GATHER_SAMPLING = False
+
+
+@contextlib.contextmanager
+def gather_sampling() -> Iterator[None]:
+    """Within it, :func:`multi_scale_deformable_attn` computes with
+    :func:`~ops.multi_scale_deformable_attn_gather.multi_scale_deformable_attn_gather`
+    (gathers and arithmetic, no op and no ``grid_sample``), so that a model traced in it
+    (``torch.export``) holds that expression instead of the op: the ONNX export's
+    ``gather`` mode. Not meant for training: the kernels are faster.
+    """
+    global _GATHER_SAMPLING
+    previous, _GATHER_SAMPLING = _GATHER_SAMPLING, True
+    try:
+        yield
+    finally:
+        _GATHER_SAMPLING = previous
 
 
 def has_kernel(device_type: str) -> bool:
@@ -164,6 +187,9 @@ def multi_scale_deformable_attn(value: Tensor, spatial_shapes: Tensor,
     spatial_shapes, level_start_index = spatial_shapes.long(), level_start_index.long()
     if value.device.type == 'cpu' and not (tracing or torch.compiler.is_compiling()):
         _check_levels(value, spatial_shapes, level_start_index)
+    if _GATHER_SAMPLING:
+        return multi_scale_deformable_attn_gather(value, spatial_shapes, level_start_index,
+                                                  sampling_locations, attention_weights)
     if has_kernel(value.device.type):
         return torch.ops.ddetr.multi_scale_deformable_attn(
             value, spatial_shapes, level_start_index, sampling_locations, attention_weights)

@@ -19,6 +19,11 @@ exporter: torch.export, then ONNX Script):
 
 Both take the op's inputs with mmcv's layout (see :func:`ops.multi_scale_deformable_attn`)
 and return its (N, Lq, M * D) output. They know nothing of the detector.
+
+The export's third mode, ``gather`` (standard ONNX without ``GridSample``), needs no
+translation: the model is traced under :func:`ops.gather_sampling`, so that its program
+holds :func:`ops.multi_scale_deformable_attn_gather` (gathers and arithmetic) instead
+of the op, and torch's exporter writes those operators.
 """
 from typing import Callable
 

@@ -1,4 +1,5 @@
-"""ONNX export: onnxruntime gives PyTorch's detections; TensorRT's plugin node; bad input.
+"""ONNX export: onnxruntime gives PyTorch's detections in the GridSample and the gather
+op modes; no GridSample in the gather mode; TensorRT's plugin node; bad input.
 
 Fidelity bar: for the same top-100, scores within 1e-4 and boxes within 1e-2 px of
 ``model.predict(..., rescale=False)`` (see ``_assert_same_detections`` in conftest.py).
@@ -38,15 +39,36 @@ def _synthetic_batch(model, data, shapes):
     return batch['inputs'], batch['data_samples']
 
 
-def test_demo_checkpoint_dynamic_export_through_the_tool(demo_trained, run_tool, tmp_path,
+# Standard ONNX that onnxruntime runs. Default: GridSample (5 attention layers x 4
+# levels). --backend tensorrt: the gather mode, chosen by the tool, at opset 18.
+TOOL_MODES = {'default': ([], 'for onnxruntime: opset 18, op mode onnx (20 GridSample nodes)'),
+              'tensorrt': (['--backend', 'tensorrt'], 'for tensorrt: opset 18, op mode gather (')}
+
+
+def _attention_gathers(graph) -> int:
+    """Gather nodes written for the attention's ``index_select`` (one per level and layer):
+    the exporter keeps each node's aten operator and the model's source line that
+    called it (here the attention layer's call of the op) in its metadata."""
+    def is_attention_gather(node):
+        meta = {p.key: p.value for p in node.metadata_props}
+        call = meta.get('pkg.torch.onnx.stack_trace', '').strip().splitlines()[-1:]
+        return (node.op_type == 'Gather' and 'aten.index_select' in
+                meta.get('pkg.torch.onnx.fx_node', '') and bool(call)
+                and 'multi_scale_deformable_attn(' in call[0])
+    return sum(map(is_attention_gather, graph.node))
+
+
+@pytest.mark.parametrize('mode', TOOL_MODES.values(), ids=TOOL_MODES.keys())
+def test_demo_checkpoint_dynamic_export_through_the_tool(mode, demo_trained, run_tool, tmp_path,
                                                          configs, assert_runtime_matches):
     """The demo config trained two iterations: one --dynamic file, two batch shapes, the
     second a padded batch of two images of different sizes."""
     data, ckpt = demo_trained
+    options, printed = mode
     out = str(tmp_path / 'demo.onnx')
     proc = run_tool(['tools/deployment/pytorch2onnx.py', configs['demo'], ckpt, '--shape',
-                     '128', '128', '--out', out, '--dynamic'])
-    assert 'op mode onnx (20 GridSample nodes)' in proc.stdout  # 5 layers x 4 levels
+                     '128', '128', '--out', out, '--dynamic', *options])
+    assert printed in proc.stdout, proc.stdout
     low = re.search(r'height (\d+)\.\.', proc.stdout)
     assert low and int(low.group(1)) <= 96, proc.stdout
     model = onnx.load(out)
@@ -55,6 +77,10 @@ def test_demo_checkpoint_dynamic_export_through_the_tool(demo_trained, run_tool,
     assert [o.name for o in model.graph.output] == ['dets', 'labels']
     assert _dims(model.graph.output[0])[0] == 'batch' and _dims(model.graph.output[0])[2] == 5
     assert {n.domain for n in model.graph.node} <= {''}  # standard ONNX only
+    assert model.opset_import[0].version == 18
+    if options:
+        assert not [n for n in model.graph.node if n.op_type == 'GridSample']
+        assert _attention_gathers(model.graph) == 20
 
     detector = build_detector(configs['demo'])
     load_weights(detector, ckpt)
@@ -64,18 +90,60 @@ def test_demo_checkpoint_dynamic_export_through_the_tool(demo_trained, run_tool,
         assert all(len(s) == 100 for s in scores)
 
 
-@pytest.mark.parametrize('name,opset', [('plain', 18), ('refine', 21), ('twostage', 23)])
-def test_r50_variants_match_pytorch(name, opset, random_detector, assert_runtime_matches,
-                                    tmp_path):
+@pytest.fixture(scope='module')
+def r50_export(random_detector, tmp_path_factory):
+    """``get(name, op_mode, opset)`` -> (model, onnx path, export info): random-weight R50
+    models exported at 128x128, batch 2. Each model is built once and each file written
+    once for the whole module, so that tests share them."""
+    tmp = tmp_path_factory.mktemp('r50_onnx')
+    models, files = {}, {}
+
+    def get(name, op_mode, opset):
+        key = (name, op_mode, opset)
+        if key not in files:
+            if name not in models:
+                models[name] = random_detector(name)
+            path = str(tmp / f'{name}_{op_mode}_{opset}.onnx')
+            info = export_onnx(models[name], path, (128, 128), batch=2, op_mode=op_mode,
+                               opset=opset)
+            files[key] = (models[name], path, info)
+        return files[key]
+
+    return get
+
+
+# (variant, op mode, opset). The gather mode on the plain model and on refine + two-stage
+# (refinement alone adds nothing to the attention), at the two opsets not otherwise
+# tested; at opset 18 through the tool (the demo test above).
+R50_CASES = [('plain', 'onnx', 18), ('refine', 'onnx', 21), ('twostage', 'onnx', 23),
+             ('plain', 'gather', 20), ('twostage', 'gather', 22)]
+
+
+@pytest.mark.parametrize('name,op_mode,opset', R50_CASES)
+def test_r50_variants_match_pytorch(name, op_mode, opset, r50_export, assert_runtime_matches):
     """Random-weight R50 models, a static batch of two (the second image padded)."""
-    model = random_detector(name)
-    out = str(tmp_path / f'{name}.onnx')
-    info = export_onnx(model, out, (128, 128), batch=2, opset=opset)
-    assert info['attention_nodes'] == 12 * 4  # 6 + 6 layers x 4 levels
+    model, out, info = r50_export(name, op_mode, opset)
+    graph = onnx.load(out).graph
+    # 6 + 6 layers x 4 levels
+    assert (_attention_gathers(graph) if op_mode == 'gather' else info['attention_nodes']) == 48
     assert onnx.load(out).opset_import[0].version == opset
     scores = assert_runtime_matches(model, out, [(128, 128), (96, 112)])
     # Not degenerate: the perturbed weights give distinct scores, not a tied plateau.
     assert len(np.unique(scores[0])) > 90 and scores[0].max() - scores[0].min() > 1e-3
+
+
+def test_gather_mode_has_no_grid_sample(r50_export):
+    """The gather mode's graph: standard ONNX, no GridSample, no plugin; the attention's
+    sampling is one Gather of value rows per level and layer, and arithmetic."""
+    _, out, info = r50_export('twostage', 'gather', 22)
+    graph = onnx.load(out).graph
+    types = {n.op_type for n in graph.node}
+    assert 'GridSample' not in types
+    assert {n.domain for n in graph.node} <= {''}
+    assert info['attention_node'] == 'Gather'
+    assert info['attention_nodes'] == sum(n.op_type == 'Gather' for n in graph.node)
+    assert _attention_gathers(graph) == 48
+    assert {'Floor', 'Where', 'MatMul'} <= types
 
 
 @pytest.mark.parametrize('plugin_version', ['1', '2'])
@@ -209,3 +277,38 @@ def test_bad_op_mode_and_opset_in_the_library(random_detector, tmp_path):
         export_onnx(model, str(tmp_path / 'x.onnx'), (64, 64), op_mode='tensorrt')
     with pytest.raises(ValueError, match='ONNX opset 16 is not supported'):
         export_onnx(model, str(tmp_path / 'x.onnx'), (64, 64), opset=16)
+
+
+def _pytorch2onnx_tool():
+    """tools/deployment/pytorch2onnx.py as a module (its functions, without running it)."""
+    import importlib.util
+    path = osp.join(osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))), 'tools',
+                    'deployment', 'pytorch2onnx.py')
+    spec = importlib.util.spec_from_file_location('pytorch2onnx', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize('backend,op_mode,opset,expected', [
+    ('tensorrt', None, None, ('gather', 18)),  # chosen for TensorRT
+    ('tensorrt', 'custom', None, ('custom', 18)),  # the plugin, when asked for
+    ('tensorrt', 'gather', 21, ('gather', 21)),  # an opset asked for is kept
+    ('onnxruntime', None, None, ('onnx', 18)),
+    ('onnxruntime', 'gather', None, ('gather', 18)),
+])
+def test_backend_picks_op_mode_and_opset(backend, op_mode, opset, expected):
+    import argparse
+    args = argparse.Namespace(backend=backend, op_mode=op_mode, opset=opset)
+    _pytorch2onnx_tool().resolve_backend(args)
+    assert (args.op_mode, args.opset) == expected
+
+
+def test_grid_sample_for_tensorrt_is_refused(run_tool, configs, tmp_path):
+    proc = run_tool(['tools/deployment/pytorch2onnx.py', configs['demo'], 'none.pth',
+                     '--shape', '128', '128', '--out', str(tmp_path / 'x.onnx'), '--backend',
+                     'tensorrt', '--op-mode', 'onnx'], check=False)
+    assert proc.returncode != 0 and 'Traceback' not in proc.stderr
+    assert '--backend tensorrt with --op-mode onnx' in proc.stderr
+    assert '4646' in proc.stderr and '4813' in proc.stderr and '--op-mode gather' in proc.stderr
+    assert not osp.exists(tmp_path / 'x.onnx')

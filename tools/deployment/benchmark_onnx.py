@@ -2,17 +2,21 @@
 
     python tools/deployment/benchmark_onnx.py                     # the default cases
     python tools/deployment/benchmark_onnx.py --cases r50:800x1333 --threads 8 --repeat 20
+    python tools/deployment/benchmark_onnx.py --op-modes gather  # one op mode only
 
 Each case (``NAME:HxW``; NAME ``demo`` for the CPU demo config, ``r50`` for the R50
-multi-scale config, or a config path) is exported to ONNX (``--op-mode onnx``, static
-shape, batch 1, random weights: latency does not depend on them), then PyTorch (eager, the
-same end-to-end module, our C++ op) and onnxruntime (CPU provider, all graph
-optimisations) are run alternately on the same input, after warm-up runs, so that a
-changing machine load hits both alike. The table gives the median and the fastest run of
-each, the ratio of the medians, and the largest score difference between the two outputs.
-The command, the machine and the thread counts come first. Export time is not counted.
+multi-scale config, or a config path) is exported to ONNX once per op mode (``--op-modes``:
+by default ``onnx``, the attention with GridSample, and ``gather``, with Gather and
+arithmetic only; static shape, batch 1, random weights: latency does not depend on them),
+then PyTorch (eager, the same end-to-end module, our C++ op) and onnxruntime (CPU
+provider, all graph optimisations) on each file are run in turn on the same input, after
+warm-up runs, so that a changing machine load hits all alike. The table gives the median
+and the fastest run of each, PyTorch's median over each onnxruntime median, and the
+largest score difference between each onnxruntime output and PyTorch's. The command, the
+machine and the thread counts come first. Export time is not counted.
 """
 import argparse
+import functools
 import logging
 import os
 import os.path as osp
@@ -39,6 +43,8 @@ CONFIGS = {
     'r50': 'configs/deformable_detr/deformable-detr_r50_16xb2-50e_coco.py',
 }
 DEFAULT_CASES = ['demo:128x128', 'demo:800x1333', 'r50:800x1333']
+#: The op modes onnxruntime can run (custom is TensorRT's plugin), as the table names them.
+MODE_NAMES = dict(onnx='GridSample', gather='gather')
 
 
 def parse_args() -> argparse.Namespace:
@@ -52,6 +58,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument('--warmup', type=int, default=3, help='untimed runs of each')
     parser.add_argument('--repeat', type=int, default=10, help='timed runs of each')
     parser.add_argument('--opset', type=int, default=18, help='ONNX opset of the export')
+    parser.add_argument('--op-modes', nargs='+', choices=tuple(MODE_NAMES),
+                        default=list(MODE_NAMES),
+                        help='op modes to export and time side by side (default: %(default)s)')
     return parser.parse_args()
 
 
@@ -112,13 +121,17 @@ def main() -> None:
             torch.manual_seed(0)
             detector = build_detector(cfg)
             detector.init_weights()
-            path = osp.join(tmp, f'{name.replace("/", "_")}.onnx')
-            print(f'exporting {name} at {shape[0]}x{shape[1]}...', flush=True)
-            export_onnx(detector, path, shape, batch=1, opset=args.opset)
             options = ort.SessionOptions()
             options.intra_op_num_threads, options.inter_op_num_threads = args.threads, 1
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            session = ort.InferenceSession(path, options, providers=['CPUExecutionProvider'])
+            sessions = {}
+            for mode in args.op_modes:
+                path = osp.join(tmp, f'{name.replace("/", "_")}_{mode}.onnx')
+                print(f'exporting {name} at {shape[0]}x{shape[1]}, op mode {mode}...',
+                      flush=True)
+                export_onnx(detector, path, shape, batch=1, op_mode=mode, opset=args.opset)
+                sessions[mode] = ort.InferenceSession(path, options,
+                                                      providers=['CPUExecutionProvider'])
             module = End2EndDetector(detector).eval()
             images, img_shapes = example_inputs(shape)
             feed = {'input': images.numpy(), 'img_shapes': img_shapes.numpy()}
@@ -128,23 +141,32 @@ def main() -> None:
                 with torch.no_grad():
                     outputs['torch'] = module(images, img_shapes)
 
-            def run_ort():
-                outputs['ort'] = session.run(None, feed)
+            def run_ort(mode):
+                outputs[mode] = sessions[mode].run(None, feed)
 
             print(f'timing {name}...', flush=True)
-            times = alternate(dict(torch=run_torch, ort=run_ort), args.warmup, args.repeat)
-            score_diff = float(np.abs(np.sort(outputs['ort'][0][..., 4], axis=-1) - np.sort(
-                outputs['torch'][0][..., 4].numpy(), axis=-1)).max())
+            runs = dict(torch=run_torch)
+            runs.update({mode: functools.partial(run_ort, mode) for mode in args.op_modes})
+            times = alternate(runs, args.warmup, args.repeat)
+            torch_scores = np.sort(outputs['torch'][0][..., 4].numpy(), axis=-1)
             medians = {k: statistics.median(v) * 1e3 for k, v in times.items()}
-            rows.append((name, f'{shape[0]}x{shape[1]}', medians['torch'],
-                         min(times['torch']) * 1e3, medians['ort'], min(times['ort']) * 1e3,
-                         medians['torch'] / medians['ort'], score_diff))
-    print('\n| model | input | PyTorch median (min) ms | onnxruntime median (min) ms | '
-          'PyTorch / onnxruntime | max score diff |')
-    print('|---|---|---|---|---|---|')
-    for name, size, tm, tmin, om, omin, ratio, diff in rows:
-        print(f'| {name} | 1x3x{size} | {tm:.1f} ({tmin:.1f}) | {om:.1f} ({omin:.1f}) | '
-              f'{ratio:.2f} | {diff:.1e} |')
+            cells = [f'{medians["torch"]:.1f} ({min(times["torch"]) * 1e3:.1f})']
+            for mode in args.op_modes:
+                cells.append(f'{medians[mode]:.1f} ({min(times[mode]) * 1e3:.1f})')
+                cells.append(f'{medians["torch"] / medians[mode]:.2f}')
+            for mode in args.op_modes:
+                diff = np.abs(np.sort(outputs[mode][0][..., 4], axis=-1) - torch_scores).max()
+                cells.append(f'{float(diff):.1e}')
+            rows.append([name, f'1x3x{shape[0]}x{shape[1]}'] + cells)
+    header = ['model', 'input', 'PyTorch median (min) ms']
+    for mode in args.op_modes:
+        header += [f'onnxruntime {MODE_NAMES[mode]} median (min) ms',
+                   f'PyTorch / {MODE_NAMES[mode]}']
+    header += [f'max score diff {MODE_NAMES[mode]}' for mode in args.op_modes]
+    print('\n| ' + ' | '.join(header) + ' |')
+    print('|' + '---|' * len(header))
+    for row in rows:
+        print('| ' + ' | '.join(row) + ' |')
 
 
 if __name__ == '__main__':

@@ -1,18 +1,22 @@
 """torch.export and ONNX export of the end-to-end detector (:mod:`.end2end`).
 
 :func:`export_onnx` writes :class:`~.end2end.End2EndDetector` as ONNX, with the
-multi-scale deformable attention op expressed either in standard ONNX (onnxruntime runs
-it anywhere) or as TensorRT's plugin node (:mod:`ops.onnx`).
+multi-scale deformable attention op expressed in standard ONNX, with ``GridSample``
+(``'onnx'``) or with gathers and arithmetic only (``'gather'``, safe for TensorRT), or
+as TensorRT's plugin node (``'custom'``) (:mod:`ops.onnx`).
 
 The exporter is torch's dynamo exporter (``torch.onnx.export(..., dynamo=True)``, the
 default since torch 2.9; the TorchScript one is deprecated): :func:`export_program`
 runs ``torch.export.export`` (non-strict) on the model, where our op is a torch custom
 op with a fake kernel, and the ONNX translation of the resulting ExportedProgram maps the
-op through a ``custom_translation_table``. Everything else is torchlib's.
+op through a ``custom_translation_table`` (in the ``'gather'`` mode the model is traced
+with the op's gather expression instead, :func:`ops.gather_sampling`). Everything else
+is torchlib's.
 
 onnx, onnxruntime and onnxscript are needed here only (``requirements/deploy.txt``):
 this module imports them when it exports.
 """
+import contextlib
 import functools
 import os
 import re
@@ -22,10 +26,14 @@ import sympy
 import torch
 from torch import nn
 
+from ops import gather_sampling
 from ..models.detectors.deformable_detr import DeformableDETR
 from .end2end import End2EndDetector, ExportError, example_inputs
 
-OP_MODES = ('onnx', 'custom')
+OP_MODES = ('onnx', 'gather', 'custom')
+#: The node type that carries the attention's sampling in each op mode's graph.
+ATTENTION_NODES = dict(onnx='GridSample', gather='Gather',
+                       custom='MultiscaleDeformableAttnPlugin_TRT')
 INPUT_NAMES = ('input', 'img_shapes')
 OUTPUT_NAMES = ('dets', 'labels')
 
@@ -126,10 +134,16 @@ def check_opset(opset: int) -> None:
 
 
 def translation_table(op_mode: str, opset: int, plugin_version: str = '1') -> Dict:
-    """The ``custom_translation_table`` that maps our op for ``op_mode``."""
+    """The ``custom_translation_table`` that maps our op for ``op_mode``.
+
+    Empty for ``'gather'``: there the model is traced under :func:`ops.gather_sampling`,
+    and its program holds gathers and arithmetic instead of the op.
+    """
     if op_mode not in OP_MODES:
         raise ValueError(f'op_mode must be one of {OP_MODES}, got {op_mode!r}')
     ops_onnx = _ops_onnx()
+    if op_mode == 'gather':  # traced without the op: see export_onnx
+        return {}
     fn = (ops_onnx.grid_sample_translation(opset) if op_mode == 'onnx' else
           ops_onnx.tensorrt_plugin_translation(opset, plugin_version))
     return {torch.ops.ddetr.multi_scale_deformable_attn.default: fn}
@@ -147,16 +161,19 @@ def export_onnx(detector: DeformableDETR, out: str, shape: Sequence[int], batch:
         batch: Batch size of the static graph (a dynamic one traces with 2).
         dynamic: Batch size, height and width are dynamic (``batch``, ``height``,
             ``width``): one file serves every size in the ranges returned.
-        op_mode: ``'onnx'`` (standard ONNX, any runtime) or ``'custom'`` (TensorRT's
-            plugin node).
+        op_mode: ``'onnx'`` (standard ONNX with ``GridSample``), ``'gather'`` (standard
+            ONNX with ``Gather`` and arithmetic only: no ``GridSample``, for TensorRT) or
+            ``'custom'`` (TensorRT's plugin node).
         opset: The ONNX opset.
         plugin_version: TensorRT plugin version for ``op_mode='custom'``.
         optimize: Fold constants and remove dead nodes (onnxscript's optimizer).
 
     Returns:
         dict of ``ranges`` (dynamic dimension -> (min, max), max None if unbounded;
-        empty when static), ``attention_nodes`` (how many nodes carry the attention:
-        GridSample or plugin nodes) and ``opset``.
+        empty when static), ``attention_node`` (the node type that carries the
+        attention's sampling, :data:`ATTENTION_NODES`), ``attention_nodes`` (how many
+        nodes of that type the graph has: for ``'gather'`` the attention's Gathers, one
+        per level and layer, and the graph's other Gathers) and ``opset``.
 
     Raises:
         ValueError: an unsupported opset or op mode.
@@ -164,7 +181,7 @@ def export_onnx(detector: DeformableDETR, out: str, shape: Sequence[int], batch:
     """
     check_opset(opset)
     table = translation_table(op_mode, opset, plugin_version)  # checks op_mode
-    program = export_end2end(detector, shape, batch, dynamic)
+    program = export_end2end(detector, shape, batch, dynamic, op_mode)
     model = _translate(program, table, opset)
     import onnx
     import onnxscript
@@ -178,16 +195,17 @@ def export_onnx(detector: DeformableDETR, out: str, shape: Sequence[int], batch:
     ops_onnx.check_model(model)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     onnx.save(model, out)
-    kind = 'GridSample' if op_mode == 'onnx' else ops_onnx.TRT_PLUGIN
+    kind = ATTENTION_NODES[op_mode]
     return dict(ranges=ranges, attention_nodes=sum(n.op_type == kind for n in model.graph.node),
-                opset=opset)
+                attention_node=kind, opset=opset)
 
 
 def export_end2end(detector: DeformableDETR, shape: Sequence[int], batch: int = 1,
-                   dynamic: bool = False) -> torch.export.ExportedProgram:
+                   dynamic: bool = False, op_mode: str = 'onnx') -> torch.export.ExportedProgram:
     """The end-to-end detector as an ExportedProgram that ONNX can translate.
 
-    Args: as :func:`export_onnx` takes them.
+    Args: as :func:`export_onnx` takes them. In the ``'gather'`` op mode the sampling is
+    traced as gathers and arithmetic (:func:`ops.gather_sampling`): no op in the program.
 
     Raises:
         ExportError: a piece of the model that cannot be exported, or operators without
@@ -200,7 +218,8 @@ def export_end2end(detector: DeformableDETR, shape: Sequence[int], batch: int = 
         batch_dim = torch.export.Dim('batch', min=1)
         dims = ({0: batch_dim, 2: torch.export.Dim.DYNAMIC, 3: torch.export.Dim.DYNAMIC},
                 {0: batch_dim})
-    with torch.no_grad():
+    sampling = gather_sampling() if op_mode == 'gather' else contextlib.nullcontext()
+    with torch.no_grad(), sampling:
         program = export_program(module, example, dynamic_shapes=dims)
     foreign = foreign_ops(program)
     if foreign:

@@ -57,7 +57,7 @@ $(EXT_STAMP): $(EXT_SOURCES)
 # Prints at its end how long setting up and testing took.
 test:
 	@t0=$$(date +%s); $(MAKE) --no-print-directory install || exit $$?; t1=$$(date +%s); \
-	  $(PYTHON) -m pytest tests; rc=$$?; t2=$$(date +%s); \
+	  $(PYTHON) -m pytest tests --durations=15; rc=$$?; t2=$$(date +%s); \
 	  echo "make test: setting up $$(( (t1 - t0) / 60 ))m$$(( (t1 - t0) % 60 ))s," \
 	    "tests $$(( (t2 - t1) / 60 ))m$$(( (t2 - t1) % 60 ))s"; exit $$rc
 

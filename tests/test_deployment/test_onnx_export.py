@@ -2,7 +2,7 @@
 op modes; no GridSample in the gather mode; TensorRT's plugin node; bad input.
 
 Fidelity bar: for the same top-100, scores within 1e-4 and boxes within 1e-2 px of
-``model.predict(..., rescale=False)`` (see ``_assert_same_detections`` in conftest.py).
+``model.predict(..., rescale=False)`` (matched one to one: see ``_assert_runtime_matches`` in conftest.py).
 """
 import os
 import os.path as osp

@@ -19,6 +19,7 @@ from mmengine.runner import Runner  # noqa: E402
 import projects.deformable_detr.safe_checkpoint  # noqa: E402,F401
 from projects.deformable_detr.engine import (close_distributed, run_main,  # noqa: E402
                                              setup_amp, setup_cpu_distributed)
+from projects.deformable_detr.engine.auto_resume import resume_if_restarted  # noqa: E402
 from projects.deformable_detr.resume import use_exact_resume  # noqa: E402
 
 
@@ -70,6 +71,7 @@ def main() -> None:
         cfg.resume, cfg.load_from = True, None
     elif args.resume is not None:
         cfg.resume, cfg.load_from = True, args.resume
+    resume_if_restarted(cfg)  # restarted by torchrun or requeued by Slurm: --resume
     use_exact_resume(cfg)  # MMEngine's CheckpointHook -> ddetr.CheckpointHook
     setup_cpu_distributed(cfg)
 

@@ -1,0 +1,1 @@
+"""Checkpoint contents: the EMA and training weights of EMA checkpoints (:mod:`.ema`)."""

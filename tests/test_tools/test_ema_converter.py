@@ -21,7 +21,7 @@ def ema_checkpoint(baseline_run: str, path: str) -> dict:
 
 
 def test_both_sets_carried_over_or_one_alone(tmp_path, baseline_run, run_tool):
-    src = str(tmp_path / 'ema.pth')
+    src = str(tmp_path / 'source.pth')
     ckpt = ema_checkpoint(baseline_run, src)
     ema = mmdet_to_ours(ckpt['state_dict'])
     raw = mmdet_to_ours({k[7:]: v for k, v in ckpt['ema_state_dict'].items()

@@ -5,8 +5,9 @@ It also allow-lists the types of MMEngine checkpoints for torch's weights-only l
 ``init_detector`` / ``load_from`` on checkpoints our Runner saved, and registers
 ``CPUAmpOptimWrapper`` (:mod:`.engine`), so that the config a ``--amp`` run saved builds,
 the checked ``ddetr.CocoDataset`` / ``ddetr.CocoMetric`` (:mod:`.datasets`),
-``ddetr.SkipNonFiniteHook`` (:mod:`.non_finite`), ``ddetr.FineTuneHook`` (:mod:`.fine_tune`)
-and ``ddetr.CheckpointHook`` (exact, crash-safe resume, :mod:`.resume`).
+``ddetr.SkipNonFiniteHook`` (:mod:`.non_finite`), ``ddetr.FineTuneHook`` (:mod:`.fine_tune`),
+``ddetr.CheckpointHook`` (exact, crash-safe resume, :mod:`.resume`) and
+``ddetr.PreemptionHook`` (:mod:`.engine.hooks`).
 """
 from . import datasets, engine, fine_tune, non_finite, resume, safe_checkpoint  # noqa: F401
 from .criterion import SetCriterion

@@ -1,7 +1,7 @@
 """The demo trained with EMA, iteration checkpoints and preemption, then stopped.
 
 One uninterrupted run of the "at-scale" demo config (EMA, dropout 0.1, activation
-checkpointing, an iteration checkpoint every 3 iterations of a 4-iteration epoch, the
+checkpointing; 2 epochs of 4 iterations, an iteration checkpoint every 2 iterations, the
 last 2 kept) is the reference. A run SIGKILLed at an arbitrary moment and resumed, and
 a run preempted by SIGTERM (sent again and again until it exits) and resumed, each end
 bit for bit as the reference, EMA weights included. The reference's EMA checkpoint is
@@ -30,7 +30,7 @@ DEMO = 'configs/synthetic/deformable-detr-refine-twostage_r18_1xb8-synthetic.py'
 
 def options(data_root: str):
     return demo_options(data_root, 'epoch', 'epoch', 0, True) + [
-        'default_hooks.checkpoint.iter_interval=3',
+        'train_cfg.max_epochs=2', 'default_hooks.checkpoint.iter_interval=2',
         'default_hooks.checkpoint.max_keep_iter_ckpts=2']
 
 
@@ -58,15 +58,15 @@ def wait_for(path: str, proc: subprocess.Popen, log: str, seconds: float = 200) 
 
 def test_iteration_checkpoints_last_two_kept_beside_epoch_checkpoints(whole_run):
     files = sorted(f for f in os.listdir(whole_run) if f.endswith('.pth'))
-    # 12 iterations: iter_3, 6, 9, 12 saved, the last 2 kept; epochs as the demo keeps
+    # 8 iterations: iter_2, 4, 6, 8 saved, the last 2 kept; epochs as the demo keeps
     # them (max_keep_ckpts=1, and the best).
-    assert [f for f in files if f.startswith('iter_')] == ['iter_12.pth', 'iter_9.pth']
-    assert 'epoch_3.pth' in files and 'epoch_2.pth' not in files
-    mid = torch.load(osp.join(whole_run, 'iter_9.pth'))
-    assert mid['meta']['iter'] == 9 and mid['meta']['epoch'] == 2  # within the 3rd epoch
-    assert mid['meta']['data_position'] == dict(epoch=2, batches=1)
+    assert [f for f in files if f.startswith('iter_')] == ['iter_6.pth', 'iter_8.pth']
+    assert 'epoch_2.pth' in files and 'epoch_1.pth' not in files
+    mid = torch.load(osp.join(whole_run, 'iter_6.pth'))
+    assert mid['meta']['iter'] == 6 and mid['meta']['epoch'] == 1  # within the 2nd epoch
+    assert mid['meta']['data_position'] == dict(epoch=1, batches=2)
     final = last_checkpoint(whole_run)
-    assert final['meta']['iter'] == 12
+    assert final['meta']['iter'] == 8
     # EMA: both weight sets, and they differ (the average lags the training weights).
     ema, raw = pick_weights(final, 'ema'), pick_weights(final, 'raw')
     assert ema.keys() == raw.keys() and 'steps' in final['ema_state_dict']
@@ -81,13 +81,13 @@ def test_sigkill_and_resume_with_ema_bitwise_equal(tmp_path, whole_run, syntheti
              *options(synthetic_set)]
     log = str(tmp_path / 'killed.log')
     proc = start_tool(train, log=log)
-    wait_for(osp.join(work_dir, 'iter_3.pth'), proc, log)
+    wait_for(osp.join(work_dir, 'iter_2.pth'), proc, log)
     time.sleep(random.uniform(0.0, 1.5))
     assert proc.poll() is None, open(log).read()[-3000:]
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     at = last_checkpoint(work_dir)['meta']['iter']
-    assert at < 12
+    assert at < 8
 
     resumed = run_tool(train + ['--resume'])
     out = resumed.stdout + resumed.stderr
@@ -107,7 +107,7 @@ def test_preempted_run_saves_exits_75_and_resumes_bitwise_equal(
              *options(synthetic_set)]
     log = str(tmp_path / 'preempted.log')
     proc = start_tool(train, log=log)
-    wait_for(osp.join(work_dir, 'iter_3.pth'), proc, log)
+    wait_for(osp.join(work_dir, 'iter_2.pth'), proc, log)
     time.sleep(random.uniform(0.0, 1.0))
     signals = 0
     while proc.poll() is None:
@@ -118,7 +118,7 @@ def test_preempted_run_saves_exits_75_and_resumes_bitwise_equal(
     assert proc.returncode == PREEMPTED_EXIT_CODE, out[-3000:]
     assert signals > 1
     at = last_checkpoint(work_dir)['meta']['iter']
-    assert 3 <= at < 12
+    assert 2 <= at < 8
     assert f'preempted by SIGTERM: stopped after iteration {at} and saved' in out, out[-3000:]
     assert osp.basename(open(osp.join(work_dir, 'last_checkpoint')).read()) == \
         f'iter_{at}.pth'
@@ -149,7 +149,7 @@ def test_tools_test_evaluates_the_ema_weights(tmp_path, whole_run, synthetic_set
     for weights in ('ema', 'raw'):
         torch.save(dict(state_dict=pick_weights(checkpoint, weights)),
                    str(tmp_path / f'{weights}.pth'))
-    runs = {'checkpoint': (AT_SCALE, osp.join(whole_run, 'epoch_3.pth')),
+    runs = {'checkpoint': (AT_SCALE, osp.join(whole_run, 'epoch_2.pth')),
             'ema': (DEMO, str(tmp_path / 'ema.pth')), 'raw': (DEMO, str(tmp_path / 'raw.pth'))}
     got = {}
     for name, (config, path) in runs.items():

@@ -25,6 +25,15 @@ if [ -n "$RDZV_ENDPOINT" ]; then
 else
     RENDEZVOUS="--node_rank=$NODE_RANK --master_addr=$MASTER_ADDR --master_port=$PORT"
 fi
+# Older torchruns lack these options: they keep their own defaults then.
+HELP=$(${PYTHON:-python} -m torch.distributed.run --help 2>/dev/null)
+SIGNAL_OPTIONS=""
+if [[ "$HELP" == *--signals[-_]to[-_]handle* ]]; then
+    SIGNAL_OPTIONS="--signals_to_handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2"
+fi
+if [[ "$HELP" == *--shutdown[-_]timeout* ]]; then
+    SIGNAL_OPTIONS="$SIGNAL_OPTIONS --shutdown_timeout=$SHUTDOWN_TIMEOUT"
+fi
 # Rank 0 creates this file when the run is preempted (see PreemptionHook).
 export DDETR_PREEMPTED_MARK=${DDETR_PREEMPTED_MARK:-"${TMPDIR:-/tmp}/ddetr-preempted-$$"}
 rm -f "$DDETR_PREEMPTED_MARK"
@@ -38,8 +47,7 @@ ${PYTHON:-python} -m torch.distributed.run \
     $RENDEZVOUS \
     --nproc_per_node=$GPUS \
     --max-restarts=$MAX_RESTARTS \
-    --signals_to_handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2 \
-    --shutdown_timeout=$SHUTDOWN_TIMEOUT \
+    $SIGNAL_OPTIONS \
     $(dirname "$0")/train.py \
     $CONFIG \
     --launcher pytorch ${@:3}

@@ -19,7 +19,8 @@ from mmengine.runner import Runner  # noqa: E402
 import projects.deformable_detr.safe_checkpoint  # noqa: E402,F401
 from projects.deformable_detr.engine import (close_distributed, run_main,  # noqa: E402
                                              setup_amp, setup_cpu_distributed)
-from projects.deformable_detr.engine.auto_resume import resume_if_restarted  # noqa: E402
+from projects.deformable_detr.engine.auto_resume import (  # noqa: E402
+    join_restarted_group, resume_if_restarted)
 from projects.deformable_detr.resume import use_exact_resume  # noqa: E402
 
 
@@ -73,6 +74,8 @@ def main() -> None:
         cfg.resume, cfg.load_from = True, args.resume
     resume_if_restarted(cfg)  # restarted by torchrun or requeued by Slurm: --resume
     use_exact_resume(cfg)  # MMEngine's CheckpointHook -> ddetr.CheckpointHook
+    if cfg.launcher == 'pytorch':  # a restart by torchrun: a store of its own attempt
+        join_restarted_group(cfg.get('env_cfg', {}).get('dist_cfg', {}))
     setup_cpu_distributed(cfg)
 
     runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)

@@ -7,10 +7,18 @@ run the same command line again, and say so in the environment:
 restarted run then resumes by itself, as ``--resume`` without a path does: from the
 checkpoint named in the work dir's ``last_checkpoint`` (written only once the checkpoint
 is complete); if there is none yet, it starts as the first launch did.
+
+A restarted process of torchrun's fixed (static) rendezvous also joins its process group
+through :func:`join_restarted_group`: that rendezvous keeps one key-value store for all
+attempts (torch 2.13), so that the restarted processes would otherwise read the
+addresses that the processes of the failed attempt published, and fail to connect
+("Gloo connectFullMesh failed ... Connection refused").
 """
+import datetime
 import os
 from typing import Optional, Tuple
 
+import torch
 from mmengine.config import Config
 from mmengine.logging import print_log
 from mmengine.runner import find_latest_checkpoint
@@ -45,4 +53,38 @@ def resume_if_restarted(cfg: Config) -> bool:
     cfg.resume, cfg.load_from = True, latest
     print_log(f'{restarted[0]}={restarted[1]}: a restarted run; resuming from {latest}',
               logger='current')
+    return True
+
+
+def join_restarted_group(dist_cfg: dict) -> bool:
+    """Initialises the process group of a process that torchrun restarted, through the
+    agent's store with a prefix of its own attempt. Returns False (and does nothing)
+    for a first attempt, or where the process group is initialised already.
+
+    Args:
+        dist_cfg: ``env_cfg.dist_cfg``: ``backend`` (default nccl; gloo without CUDA),
+            ``timeout`` (seconds or a timedelta) and other ``init_process_group``
+            arguments.
+    """
+    attempt = os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')
+    if attempt in ('', '0') or os.environ.get('TORCHELASTIC_USE_AGENT_STORE') != 'True' or \
+            torch.distributed.is_initialized():
+        return False
+    args = dict(dist_cfg)
+    args.pop('init_backend', None)
+    args.setdefault('backend', 'nccl')
+    if not torch.cuda.is_available():  # as setup_cpu_distributed does
+        args['backend'] = 'gloo'
+    timeout = args.pop('timeout', datetime.timedelta(minutes=30))
+    if not isinstance(timeout, datetime.timedelta):
+        timeout = datetime.timedelta(seconds=timeout)
+    rank, world = int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get('LOCAL_RANK', 0)))
+    store = torch.distributed.TCPStore(os.environ['MASTER_ADDR'],
+                                       int(os.environ['MASTER_PORT']), world,
+                                       is_master=False, timeout=timeout)
+    store = torch.distributed.PrefixStore(f'ddetr/attempt_{attempt}', store)
+    torch.distributed.init_process_group(store=store, rank=rank, world_size=world,
+                                         timeout=timeout, **args)
     return True

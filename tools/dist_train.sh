@@ -21,7 +21,8 @@ MAX_RESTARTS=${MAX_RESTARTS:-0}
 SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-60}
 
 if [ -n "$RDZV_ENDPOINT" ]; then
-    RENDEZVOUS="--rdzv-backend=${RDZV_BACKEND:-c10d} --rdzv-endpoint=$RDZV_ENDPOINT --rdzv-id=${RDZV_ID:-ddetr}"
+    RENDEZVOUS="--rdzv-backend=${RDZV_BACKEND:-c10d} --rdzv-endpoint=$RDZV_ENDPOINT"
+    RENDEZVOUS="$RENDEZVOUS --rdzv-id=${RDZV_ID:-ddetr}"
 else
     RENDEZVOUS="--node_rank=$NODE_RANK --master_addr=$MASTER_ADDR --master_port=$PORT"
 fi

@@ -22,6 +22,8 @@ from projects.deformable_detr.engine.launch import (close_distributed, run_main,
                                                     setup_cpu_distributed)
 from projects.deformable_detr.engine.optimizers import setup_amp  # noqa: E402
 from projects.deformable_detr.engine.config_file import TRAIN_KEYS, load_config  # noqa: E402
+from projects.deformable_detr.engine.auto_resume import (  # noqa: E402
+    join_restarted_group, resume_if_restarted)
 
 
 def parse_args() -> argparse.Namespace:
@@ -70,7 +72,10 @@ def main() -> None:
         cfg.resume, cfg.load_from = True, None
     elif args.resume is not None:
         cfg.resume, cfg.load_from = True, args.resume
+    resume_if_restarted(cfg)  # restarted by torchrun or requeued by Slurm: --resume
     use_exact_resume(cfg)  # MMEngine's CheckpointHook -> ddetr.ExactResumeHook
+    if cfg.launcher == 'pytorch':  # a restart by torchrun: a store of its own attempt
+        join_restarted_group(cfg.get('env_cfg', {}).get('dist_cfg', {}))
     setup_cpu_distributed(cfg)
     allow_mmengine_checkpoints()  # MMEngine checkpoints load under torch>=2.6 (--resume)
 

@@ -10,6 +10,19 @@ peak memory of each, and checks that the two models agree on the losses.
     python tools/analysis_tools/benchmark_model.py --device cuda --shape 800 1333 \\
         --variant refine-twostage --amp fp16 --repeat 20
 
+``--memory`` compares instead the peak memory and time of a training step with and
+without activation checkpointing (``num_cp`` of our encoder and decoder, the backbone's
+``with_cp``), each case in a fresh process, mmdet's model beside ours:
+
+    python tools/analysis_tools/benchmark_model.py --memory --variant refine-twostage \
+        --shape 800 1333 --threads 1 --warmup 1 --repeat 3
+
+On the CPU the peak is the peak resident set size of the case's process (``ru_maxrss``:
+libraries, model, batch and the steps); "step" is that peak minus the resident size
+just before the first step: what a training step (activations, gradients) adds. On a
+GPU it is ``torch.cuda.max_memory_allocated`` over the steps, and the step's share is
+the peak minus what was allocated before the first step. Dropout stays as configured.
+
 On a GPU mmdet's model runs mmcv's CUDA kernel: mmcv's own CUDA build, or, where mmcv
 has CPU ops only, mmcv's kernel compiled standalone from its source distribution
 (``MMCV_SDIST``, see ``tools/gpu/mmcv_cuda.py``). ``--amp`` runs both under ``torch.autocast``
@@ -17,9 +30,12 @@ has CPU ops only, mmcv's kernel compiled standalone from its source distribution
 """
 import argparse
 import copy
+import json
 import logging
 import os
+import resource
 import statistics
+import subprocess
 import sys
 import time
 from typing import Callable, Dict, List, Optional
@@ -48,6 +64,16 @@ VARIANTS = {  # ours, mmdet's (file names are the same in both trees)
     'refine-twostage': 'deformable-detr-refine-twostage_r50_16xb2-50e_coco.py',
 }
 AMP = {'none': None, 'fp16': torch.float16, 'bf16': torch.bfloat16}
+# --memory: (model, encoder and decoder layers checkpointed, backbone with_cp). mmdet's
+# Deformable DETR encoder and decoder have no checkpointing of their own (its num_cp
+# exists in DETR's layers only, and needs fairscale); its ResNet has with_cp, as ours.
+MEMORY_CASES = {
+    'mmdet': ('mmdet', False, False),
+    'mmdet, backbone with_cp': ('mmdet', False, True),
+    'ours': ('ours', False, False),
+    'ours, num_cp=all': ('ours', True, False),
+    'ours, num_cp=all, backbone with_cp': ('ours', True, True),
+}
 
 
 def parse_args() -> argparse.Namespace:
@@ -64,6 +90,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument('--repeat', type=int, default=3, help='timed runs of each')
     parser.add_argument('--warmup', type=int, default=1, help='untimed runs of each')
     parser.add_argument('--threads', type=int, default=None, help='torch intra-op threads')
+    parser.add_argument('--memory', action='store_true',
+                        help='peak memory and time of a training step with and without '
+                        'activation checkpointing, each case in a fresh process')
+    parser.add_argument('--cases', nargs='+', choices=list(MEMORY_CASES),
+                        default=list(MEMORY_CASES), help='--memory: the cases to run')
+    parser.add_argument('--case', choices=list(MEMORY_CASES), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.device == 'cuda' and not torch.cuda.is_available():
         parser.error('--device cuda: torch sees no CUDA device')
@@ -93,6 +125,91 @@ def build_models(variant: str, device: str):
             elif isinstance(m, torch.nn.MultiheadAttention):
                 m.dropout = 0.0
     return theirs.to(device), ours.to(device)
+
+
+def build_case(variant: str, case: str, device: str) -> torch.nn.Module:
+    """One model of :data:`MEMORY_CASES`, randomly initialised, dropout as configured."""
+    init_default_scope('mmdet')
+    torch.manual_seed(0)
+    which, checkpointed, backbone_cp = MEMORY_CASES[case]
+    folder = (os.path.join(os.path.dirname(mmdet.__file__), '.mim', 'configs',
+                           'deformable_detr') if which == 'mmdet'
+              else os.path.join(ROOT, 'configs', 'deformable_detr'))
+    cfg = Config.fromfile(os.path.join(folder, VARIANTS[variant]))
+    cfg.model.backbone.init_cfg = None
+    cfg.model.backbone.with_cp = backbone_cp
+    if checkpointed:
+        for stack in ('encoder', 'decoder'):
+            cfg.model[stack] = dict(cfg.model[stack], num_cp=cfg.model[stack].num_layers)
+    model = MODELS.build(cfg.model)
+    model.init_weights()
+    return model.to(device)
+
+
+def resident_bytes() -> int:
+    """This process's resident set size now (Linux)."""
+    with open('/proc/self/statm') as f:
+        return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
+
+
+def run_memory_case(args: argparse.Namespace) -> None:
+    """Builds one case, runs its training steps, prints its peak memory and times."""
+    amp = AMP[args.amp]
+    model = build_case(args.variant, args.case, args.device)
+    inputs, samples = make_batch(args.batch, args.height, args.width, args.device)
+    if args.device == 'cuda':
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        before = resident_bytes()
+    times = []
+    for i in range(args.warmup + args.repeat):
+        t = timed(lambda: train_step(model, inputs, samples, amp), args.device)
+        print(f'  {args.case}: step {i + 1}/{args.warmup + args.repeat} {t:.3f}s', flush=True,
+              file=sys.stderr)
+        if i >= args.warmup:
+            times.append(t)
+    if args.device == 'cuda':
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    print('CASE ' + json.dumps(dict(case=args.case, peak=peak, step=peak - before,
+                                    time=statistics.median(times))), flush=True)
+
+
+def memory_comparison(args: argparse.Namespace) -> None:
+    """Runs every case of :data:`MEMORY_CASES` in a fresh process and prints the table."""
+    results = {}
+    cases = list(args.cases) + ([] if 'ours' in args.cases else ['ours'])  # the reference
+    for case in cases:
+        cmd = [sys.executable, os.path.abspath(__file__), '--case', case, '--variant',
+               args.variant, '--shape', str(args.height), str(args.width), '--batch',
+               str(args.batch), '--device', args.device, '--amp', args.amp, '--repeat',
+               str(args.repeat), '--warmup', str(args.warmup)]
+        if args.threads:
+            cmd += ['--threads', str(args.threads)]
+        print(f'{case}: a fresh process...', flush=True)
+        out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True).stdout
+        line = next(line for line in out.splitlines() if line.startswith('CASE '))
+        results[case] = json.loads(line[len('CASE '):])
+
+    device = torch.cuda.get_device_name() if args.device == 'cuda' else 'CPU'
+    how = ('torch.cuda.max_memory_allocated' if args.device == 'cuda' else
+           'peak RSS of the process (ru_maxrss)')
+    print(f'\nDeformable DETR ({args.variant}, R50), training step, {args.batch} x '
+          f'{args.height}x{args.width}, {device}, autocast {args.amp}, torch '
+          f'{torch.__version__}, {args.threads or torch.get_num_threads()} threads, median '
+          f'of {args.repeat} step(s) after {args.warmup} warm-up; peak: {how}; step: peak '
+          'minus the memory before the first step')
+    print(f'| {"":<36} | {"peak":>9} | {"step":>9} | {"step time":>9} | {"peak vs ours":>12} '
+          f'| {"time vs ours":>12} |')
+    print(f'|{"-" * 38}|{"-" * 11}|{"-" * 11}|{"-" * 11}|{"-" * 14}|{"-" * 14}|')
+    ref = results['ours']
+    for case, r in results.items():
+        print(f'| {case:<36} | {r["peak"] / 2**30:>5.2f} GiB | {r["step"] / 2**30:>5.2f} GiB '
+              f'| {r["time"]:>8.2f}s | {100 * (r["peak"] / ref["peak"] - 1):>+11.1f}% '
+              f'| {100 * (r["time"] / ref["time"] - 1):>+11.1f}% |')
 
 
 def make_batch(batch: int, height: int, width: int, device: str, num_gts: int = 5):
@@ -171,6 +288,10 @@ def main() -> None:
     MMLogger.get_current_instance().setLevel(logging.WARNING)  # init_weights' dump
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.case:
+        return run_memory_case(args)
+    if args.memory:
+        return memory_comparison(args)
     amp = AMP[args.amp]
     kernel = give_mmcv_its_cuda_kernel() if args.device == 'cuda' else "mmcv's pure-PyTorch path"
     theirs, ours = build_models(args.variant, args.device)

@@ -1,4 +1,4 @@
-"""Checkpoints: safe loading, atomic writes, fitting, converters.
+"""Checkpoints: safe loading, atomic writes, fitting, converters, EMA weights (:mod:`.ema`).
 
 Nothing here changes global state when imported but the registration of the atomic
 file backend (as MMEngine registers its own); the checkpoint safety is installed by

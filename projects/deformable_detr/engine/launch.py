@@ -1,12 +1,14 @@
 """Launch helpers of ``tools/train.py`` and ``tools/test.py``.
 
-- :func:`setup_cpu_distributed`: ``--launcher pytorch`` without CUDA (gloo);
+- :func:`setup_cpu_distributed`: ``--launcher pytorch`` or ``slurm`` without CUDA (gloo);
 - :func:`close_distributed`: tears the process group down before the process exits;
-- :func:`run_main`: runs a tool's ``main`` so that a failing process ends the whole job.
+- :func:`run_main`: runs a tool's ``main`` so that a failing process ends the whole job,
+  and a preempted run exits with ``PREEMPTED_EXIT_CODE``.
 """
 import datetime
 import logging
 import os
+import subprocess
 import sys
 from typing import Callable
 
@@ -15,9 +17,11 @@ from mmengine.config import Config
 from mmengine.logging import MMLogger, print_log
 from torch.distributed.elastic.multiprocessing.errors import record
 
+from .hooks import PREEMPTED_EXIT_CODE, Preempted
+
 
 def setup_cpu_distributed(cfg: Config) -> None:
-    """Lets ``--launcher pytorch`` work without CUDA: gloo, DDP without device_ids.
+    """Lets ``--launcher pytorch`` or ``slurm`` run without CUDA: gloo, DDP without device_ids.
 
     MMEngine's ``init_dist`` calls ``torch.cuda.set_device``, which a CPU build of torch
     lacks, so the process group is initialised here (the Runner then skips it).
@@ -26,13 +30,15 @@ def setup_cpu_distributed(cfg: Config) -> None:
         cfg: The config, with ``launcher`` set; ``model_wrapper_cfg`` is set in place.
 
     Raises:
-        NotImplementedError: a launcher other than ``pytorch`` without CUDA.
+        NotImplementedError: a launcher other than ``pytorch`` or ``slurm`` without CUDA.
     """
     if cfg.launcher == 'none' or torch.cuda.is_available():
         return
-    if cfg.launcher != 'pytorch':
+    if cfg.launcher == 'slurm':
+        slurm_environment()
+    elif cfg.launcher != 'pytorch':
         raise NotImplementedError(f'--launcher {cfg.launcher} needs CUDA; on CPU use '
-                                  '--launcher pytorch (tools/dist_train.sh)')
+                                  '--launcher pytorch (tools/dist_train.sh) or slurm')
     dist_cfg = dict(cfg.get('env_cfg', {}).get('dist_cfg', {}))
     dist_cfg.pop('init_backend', None)
     if dist_cfg.get('backend', 'nccl') != 'gloo':
@@ -49,6 +55,24 @@ def setup_cpu_distributed(cfg: Config) -> None:
         cfg.model_wrapper_cfg = dict(
             type='MMDistributedDataParallel', device_ids=None, broadcast_buffers=False,
             find_unused_parameters=cfg.get('find_unused_parameters', False))
+
+
+def slurm_environment() -> None:
+    """Sets torch's ``env://`` variables from a Slurm task's, as MMEngine's slurm launcher
+    does (rank, world size, the first node's address, ``MASTER_PORT`` or 29500)."""
+    try:
+        rank, world = os.environ['SLURM_PROCID'], os.environ['SLURM_NTASKS']
+        nodes = os.environ['SLURM_NODELIST']
+    except KeyError as err:
+        raise RuntimeError(f'--launcher slurm: {err.args[0]} is not set; run it under srun '
+                           '(tools/slurm_train.sh)') from None
+    if 'MASTER_ADDR' not in os.environ:
+        os.environ['MASTER_ADDR'] = subprocess.run(
+            ['scontrol', 'show', 'hostnames', nodes], check=True, capture_output=True,
+            text=True).stdout.split()[0]
+    os.environ.setdefault('MASTER_PORT', '29500')
+    os.environ.update(RANK=rank, WORLD_SIZE=world,
+                      LOCAL_RANK=os.environ.get('SLURM_LOCALID', '0'))
 
 
 def close_distributed() -> None:
@@ -72,9 +96,13 @@ def _log_to_files(err: BaseException) -> None:
     files = [h for h in logger.handlers if isinstance(h, logging.FileHandler)]
     if not files:
         return
-    record = logger.makeRecord(logger.name, logging.ERROR, __file__, 0,
-                               f'the run failed: {type(err).__name__}: {err}', None,
-                               (type(err), err, err.__traceback__))
+    if isinstance(err, Preempted):  # not a failure: no traceback
+        record = logger.makeRecord(logger.name, logging.WARNING, __file__, 0, str(err),
+                                   None, None)
+    else:
+        record = logger.makeRecord(logger.name, logging.ERROR, __file__, 0,
+                                   f'the run failed: {type(err).__name__}: {err}', None,
+                                   (type(err), err, err.__traceback__))
     for handler in files:
         handler.handle(record)
 
@@ -96,6 +124,13 @@ def run_main(main: Callable[[], None]) -> None:
     """
     try:
         record(main)()
+    except Preempted as err:  # every process saved and stopped after the same iteration
+        _log_to_files(err)
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        rank = f'rank {torch.distributed.get_rank()}: ' if distributed else ''
+        print(f'{rank}{err}', file=sys.stderr, flush=True)
+        close_distributed()
+        sys.exit(PREEMPTED_EXIT_CODE)
     except BaseException as err:
         if isinstance(err, SystemExit) and not err.code:
             raise

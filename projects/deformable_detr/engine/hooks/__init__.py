@@ -1,5 +1,7 @@
 from .exact_resume_hook import CheckpointHook, ExactResumeHook
 from .fine_tune_hook import FineTuneHook
+from .preemption_hook import PREEMPTED_EXIT_CODE, Preempted, PreemptionHook
 from .skip_non_finite_hook import SkipNonFiniteHook
 
-__all__ = ['ExactResumeHook', 'CheckpointHook', 'FineTuneHook', 'SkipNonFiniteHook']
+__all__ = ['ExactResumeHook', 'CheckpointHook', 'FineTuneHook', 'PreemptionHook', 'Preempted',
+           'PREEMPTED_EXIT_CODE', 'SkipNonFiniteHook']

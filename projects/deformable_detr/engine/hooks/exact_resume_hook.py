@@ -47,8 +47,10 @@ they replace change (checked against MMEngine :data:`MMENGINE_CHECKED`).
 """
 import logging
 import os.path as osp
+import time
+from collections import deque
 from functools import partial
-from typing import Any, Iterator, List, Optional
+from typing import Any, Deque, Iterator, List, Optional
 
 from mmengine.config import Config
 from mmengine.dataset import worker_init_fn as mmengine_worker_init_fn
@@ -134,17 +136,41 @@ class ExactResumeHook(MMEngineCheckpointHook):
     are seeded per epoch; files are written atomically, and old checkpoints removed
     only after their successor is complete. See the module's docstring.
 
+    In an epoch-based run (``by_epoch=True``), ``iter_interval=N`` also saves a
+    resumable ``iter_{N}.pth`` every N iterations, within epochs, and keeps the last
+    ``max_keep_iter_ckpts`` of them (-1: all); the epoch checkpoints are kept as
+    ``max_keep_ckpts`` says, apart from them.
+
     Args:
         backend_args: MMEngine's. Left ``None`` with a local ``out_dir``, the files are
             written atomically (``checkpoint.atomic_io.ATOMIC_BACKEND``).
+        iter_interval: Iterations between iteration checkpoints of an epoch-based run
+            (0: none).
+        max_keep_iter_ckpts: Iteration checkpoints kept (-1: all).
         **kwargs: MMEngine ``CheckpointHook``'s other arguments.
     """
 
-    def __init__(self, backend_args: Optional[dict] = None, **kwargs) -> None:
+    def __init__(self, backend_args: Optional[dict] = None, iter_interval: int = 0,
+                 max_keep_iter_ckpts: int = -1, **kwargs) -> None:
         local = '://' not in str(kwargs.get('out_dir') or '')
         if backend_args is None and kwargs.get('file_client_args') is None and local:
             backend_args = dict(backend=ATOMIC_BACKEND)
         super().__init__(backend_args=backend_args, **kwargs)
+        if isinstance(iter_interval, bool) or not isinstance(iter_interval, int) or \
+                iter_interval < 0:
+            raise ValueError(f'iter_interval={iter_interval!r}: iterations between '
+                             'iteration checkpoints, an int >= 0 (0: none)')
+        if iter_interval and not self.by_epoch:
+            raise ValueError(f'iter_interval={iter_interval} is for epoch-based checkpoints '
+                             '(by_epoch=True); with by_epoch=False, `interval` counts '
+                             'iterations already')
+        if isinstance(max_keep_iter_ckpts, bool) or not isinstance(max_keep_iter_ckpts, int) \
+                or max_keep_iter_ckpts == 0 or max_keep_iter_ckpts < -1:
+            raise ValueError(f'max_keep_iter_ckpts={max_keep_iter_ckpts!r}: the iteration '
+                             'checkpoints to keep, an int >= 1, or -1 for all')
+        self.iter_interval, self.max_keep_iter_ckpts = iter_interval, max_keep_iter_ckpts
+        self.keep_iter_ckpt_ids: Deque[int] = deque()
+        self.saved_step: Optional[int] = None  # the iteration of the last save, if any
         self._resumed: Optional[dict] = None  # what the loaded checkpoint holds for us
         self._before_val: Optional[RNGState] = None  # the states validation found
         self._training = False
@@ -162,6 +188,8 @@ class ExactResumeHook(MMEngineCheckpointHook):
     def before_train(self, runner) -> None:
         super().before_train(runner)
         self._training = True
+        self.keep_iter_ckpt_ids = deque(runner.message_hub.get_info('keep_iter_ckpt_ids')
+                                        or [])
         if is_main_process() and ATOMIC_BACKEND == (self.backend_args or {}).get('backend'):
             remove_stale_partial_files(self.out_dir)
         loop = runner.train_loop
@@ -233,6 +261,28 @@ class ExactResumeHook(MMEngineCheckpointHook):
         self._epoch_batches += 1
         self._position = dict(epoch=runner.epoch, batches=self._epoch_batches)
         super().after_train_iter(runner, batch_idx, data_batch, outputs)
+        if self.by_epoch and self.iter_interval and \
+                (runner.iter + 1) % self.iter_interval == 0:
+            self.save_iteration_checkpoint(runner)
+
+    def save_iteration_checkpoint(self, runner) -> str:
+        """Saves ``iter_{N}.pth`` now, after iteration N, resumable at that very batch
+        (within an epoch too); every process must call it (the RNG states are gathered).
+
+        Counted among the ``max_keep_iter_ckpts`` iteration checkpoints of an
+        epoch-based run. Returns the checkpoint's path; if this iteration was saved
+        already, that checkpoint's.
+        """
+        step = runner.iter + 1
+        if self.saved_step == step:
+            return self.last_ckpt
+        meta = dict(epoch=runner.epoch, iter=step)
+        if not self.by_epoch:  # MMEngine's own iteration checkpoints, as its hook names them
+            self._save_checkpoint_with_step(runner, step, meta)
+        else:
+            self._save(runner, step, meta, 'iter_{}.pth', False, self.keep_iter_ckpt_ids,
+                       self.max_keep_iter_ckpts, 'keep_iter_ckpt_ids')
+        return self.last_ckpt
 
     def after_train(self, runner) -> None:
         self._training = False
@@ -258,32 +308,43 @@ class ExactResumeHook(MMEngineCheckpointHook):
         # expired checkpoint before writing the new one, and writes last_checkpoint in
         # place (a kill in between leaves none, or an empty name); and here every process
         # (only rank 0 writes) gathers the RNG states into the meta.
+        self._save(runner, step, meta, self.filename_tmpl, self.by_epoch, self.keep_ckpt_ids,
+                   self.max_keep_ckpts, 'keep_ckpt_ids')
+
+    def _save(self, runner, step: int, meta: dict, filename_tmpl: str, by_epoch: bool,
+              kept: Deque[int], max_keep: int, kept_key: str) -> None:
+        """Saves checkpoint ``step`` of one series (epoch or iteration checkpoints), whose
+        kept steps are ``kept`` (at most ``max_keep``, also in the message hub as
+        ``kept_key``)."""
         state = self._before_val if self._before_val is not None else get_rng_state()
         meta = dict(meta, rng_states=all_gather_object(state),
                     data_position=dict(self._position))
         expired = None
-        if self.max_keep_ckpts > 0 and not (self.keep_ckpt_ids and
-                                            self.keep_ckpt_ids[-1] == step):
-            if len(self.keep_ckpt_ids) == self.max_keep_ckpts:
-                expired = self.keep_ckpt_ids.popleft()
-            self.keep_ckpt_ids.append(step)
-            runner.message_hub.update_info('keep_ckpt_ids', list(self.keep_ckpt_ids))
-        filename = self.filename_tmpl.format(step)
+        if max_keep > 0 and not (kept and kept[-1] == step):
+            if len(kept) == max_keep:
+                expired = kept.popleft()
+            kept.append(step)
+            runner.message_hub.update_info(kept_key, list(kept))
+        filename = filename_tmpl.format(step)
         self.last_ckpt = self.file_backend.join_path(self.out_dir, filename)
         runner.message_hub.update_info('last_ckpt', self.last_ckpt)
+        start = time.perf_counter()
         runner.save_checkpoint(
             self.out_dir, filename, self.file_client_args,
             save_optimizer=self.save_optimizer,
             save_param_scheduler=self.save_param_scheduler, meta=meta,
-            by_epoch=self.by_epoch, backend_args=self.backend_args, **self.args)
+            by_epoch=by_epoch, backend_args=self.backend_args, **self.args)
+        self.saved_step = runner.iter + (0 if by_epoch else 1)
         if not is_main_process():
             return
+        print_log(f'saved {filename} in {time.perf_counter() - start:.2f} s',
+                  logger='current')
         atomic_write(osp.join(runner.work_dir, 'last_checkpoint'),
                      str(self.last_ckpt).encode())
         # Only now that its successor is complete and named.
         if expired is not None:
             self._remove(self.file_backend.join_path(self.out_dir,
-                                                     self.filename_tmpl.format(expired)))
+                                                     filename_tmpl.format(expired)))
 
     def _save_best_checkpoint(self, runner, metrics: dict) -> None:
         # MMEngine deletes the previous best checkpoint before it writes the new one:

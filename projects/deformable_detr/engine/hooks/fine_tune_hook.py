@@ -2,6 +2,9 @@
 
 Added to the config that names the checkpoint, it fits the checkpoint to the model as
 MMEngine loads it (see :mod:`...checkpoint.class_branches`).
+
+Of a checkpoint saved with EMAHook, the EMA weights are loaded (its ``state_dict``);
+``dict(type='ddetr.FineTuneHook', weights='raw')`` loads the weights training updated.
 """
 import logging
 from typing import List, Optional
@@ -10,6 +13,7 @@ from mmengine.hooks import Hook
 from mmengine.logging import print_log
 
 from ...checkpoint.class_branches import CheckpointMismatchError, fit_class_branches
+from ...checkpoint.ema import WEIGHTS, pick_weights
 from ...registry import HOOKS
 
 
@@ -21,8 +25,19 @@ class FineTuneHook(Hook):
     :class:`CheckpointMismatchError` listing them, except the class branches (and only
     their class dimension), which keep the model's initialisation when training starts
     from a checkpoint of another class count; the log names each, with both shapes.
+
+    Args:
+        weights: Of a checkpoint saved with EMAHook, ``'ema'`` (its ``state_dict``, what
+            is loaded by default too) or ``'raw'`` (the weights training updated); see
+            :func:`...checkpoint.ema.pick_weights`. A checkpoint without EMA weights is
+            refused for either (:class:`~...checkpoint.ema.NoEMAWeightsError`).
     """
     priority = 'VERY_HIGH'  # before other hooks read the checkpoint
+
+    def __init__(self, weights: Optional[str] = None) -> None:
+        if weights is not None and weights not in WEIGHTS:
+            pick_weights({}, weights)  # the error that lists the choices
+        self.weights = weights
 
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
         if not isinstance(checkpoint, dict):
@@ -32,12 +47,17 @@ class FineTuneHook(Hook):
             raise CheckpointMismatchError(
                 'this looks like an official Deformable-DETR checkpoint (a "model" entry): '
                 'convert it first with tools/model_converters/official_to_ours.py')
-        state_dict = checkpoint.get('state_dict', checkpoint)
         model = getattr(runner.model, 'module', runner.model)
         # Resuming continues the same run; an uninitialised model (test, val) would keep
         # random class branches: neither may replace any tensor.
         fine_tuning = not getattr(runner, '_resume', False) and getattr(model, 'is_init',
                                                                         False)
+        if self.weights is not None and not getattr(runner, '_resume', False):
+            source = f'load_from ({getattr(runner, "_load_from", None)})'
+            checkpoint['state_dict'] = dict(pick_weights(checkpoint, self.weights, source))
+            print_log(f'FineTuneHook: loading the {self.weights} weights of the checkpoint',
+                      logger='current')
+        state_dict = checkpoint.get('state_dict', checkpoint)
         lines = fit_class_branches(model, state_dict, allow_other_classes=fine_tuning)
         old_classes = _classes((checkpoint.get('meta') or {}).get('dataset_meta'))
         new_classes = _classes(_train_metainfo(runner)) if fine_tuning else None

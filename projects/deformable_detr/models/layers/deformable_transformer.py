@@ -12,6 +12,7 @@ Module and parameter names follow mmdet 3.3 (``self_attn``, ``cross_attn``,
 from typing import List, Optional, Sequence, Tuple
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from .multi_scale_deformable_attention import MultiScaleDeformableAttention
@@ -148,6 +149,37 @@ class SelfAttention(nn.Module):
         return query + self.dropout(out)
 
 
+def checkpointed_layers(num_cp: int, num_layers: int, stack: str) -> int:
+    """How many of a stack's first layers recompute their activations in backward.
+
+    ``num_cp`` as mmdet's: 0 (or -1) for none, ``1 .. num_layers`` for the first ones.
+
+    Raises:
+        ValueError: ``num_cp`` is not an int in ``-1 .. num_layers``.
+    """
+    if isinstance(num_cp, bool) or not isinstance(num_cp, int) or \
+            not -1 <= num_cp <= num_layers:
+        raise ValueError(f'{stack} num_cp={num_cp!r}: the number of layers to checkpoint '
+                         f'must be an int from 0 (none; -1 too, as in mmdet) to '
+                         f'num_layers={num_layers} (all)')
+    return max(num_cp, 0)
+
+
+def run_layer(layer: nn.Module, checkpointed: bool, *args) -> Tensor:
+    """``layer(*args)``; with ``checkpointed``, while training with gradients, its
+    activations are not kept but recomputed in backward.
+
+    Non-reentrant checkpointing (``use_reentrant=False``): the graph is the one the
+    layer builds without it, and gradients reach parameters whatever the inputs'
+    ``requires_grad``. The RNG states are saved and restored for the recomputation
+    (``preserve_rng_state``), so dropout draws the same masks twice.
+    """
+    if checkpointed and layer.training and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False,
+                                                 preserve_rng_state=True)
+    return layer(*args)
+
+
 # ----------------------------------------------------------------------------------
 # Encoder
 # ----------------------------------------------------------------------------------
@@ -180,11 +212,14 @@ class DeformableEncoder(nn.Module):
 
     Args:
         num_layers: Encoder layers.
+        num_cp: Activation checkpointing of the first ``num_cp`` layers (0: none):
+            see :func:`run_layer`.
         **layer_kwargs: Arguments of :class:`DeformableEncoderLayer`.
     """
 
-    def __init__(self, num_layers: int = 6, **layer_kwargs) -> None:
+    def __init__(self, num_layers: int = 6, num_cp: int = 0, **layer_kwargs) -> None:
         super().__init__()
+        self.num_cp = checkpointed_layers(num_cp, num_layers, 'encoder')
         self.layers = nn.ModuleList(
             [DeformableEncoderLayer(**layer_kwargs) for _ in range(num_layers)])
         self.num_layers = num_layers
@@ -215,9 +250,9 @@ class DeformableEncoder(nn.Module):
                 valid_ratios: Tensor, level_shapes: Sequence[Tuple[int, int]]) -> Tensor:
         """Returns the memory, (bs, N, C). Arguments as :func:`flatten_levels` returns them."""
         reference_points = self.reference_points(level_shapes, valid_ratios)
-        for layer in self.layers:
-            feat = layer(feat, feat_pos, reference_points, spatial_shapes, level_start_index,
-                         mask)
+        for i, layer in enumerate(self.layers):
+            feat = run_layer(layer, i < self.num_cp, feat, feat_pos, reference_points,
+                             spatial_shapes, level_start_index, mask)
         return feat
 
 
@@ -255,11 +290,14 @@ class DeformableDecoder(nn.Module):
 
     Args:
         num_layers: Decoder layers.
+        num_cp: Activation checkpointing of the first ``num_cp`` layers (0: none):
+            see :func:`run_layer`.
         **layer_kwargs: Arguments of :class:`DeformableDecoderLayer`.
     """
 
-    def __init__(self, num_layers: int = 6, **layer_kwargs) -> None:
+    def __init__(self, num_layers: int = 6, num_cp: int = 0, **layer_kwargs) -> None:
         super().__init__()
+        self.num_cp = checkpointed_layers(num_cp, num_layers, 'decoder')
         self.layers = nn.ModuleList(
             [DeformableDecoderLayer(**layer_kwargs) for _ in range(num_layers)])
         self.num_layers = num_layers
@@ -288,9 +326,9 @@ class DeformableDecoder(nn.Module):
         references = [reference_points]
         hidden_states = []
         for i, layer in enumerate(self.layers):
-            query = layer(query, query_pos, memory, memory_mask,
-                          on_levels(reference_points, valid_ratios), spatial_shapes,
-                          level_start_index)
+            query = run_layer(layer, i < self.num_cp, query, query_pos, memory,
+                              memory_mask, on_levels(reference_points, valid_ratios),
+                              spatial_shapes, level_start_index)
             if reg_branches is not None:
                 # Gradients do not flow through the references (as in the paper).
                 reference_points = refine(reference_points, reg_branches[i](query)).detach()

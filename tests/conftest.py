@@ -6,6 +6,8 @@ from typing import Callable, Dict, Optional, Sequence
 
 import pytest
 import torch
+from model_fixtures import (build_demo_model, build_pair, config_path,  # noqa: F401
+                            make_batch, small_model_cfg)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # seconds: a guard against a hung tool, not a speed check. The longest tool run, an ONNX

@@ -1,7 +1,8 @@
-"""Fixtures of the model tests: configs, small models, random batches, model pairs.
+"""Model fixtures of every test folder: configs, small models, random batches, model pairs.
 
 The factories are session-scoped fixtures that hand the tests a function, so that
-module-scoped fixtures (a model pair per variant) can use them too.
+module-scoped fixtures (a model pair per variant) can use them too. The root conftest.py
+imports them, so that the model, checkpoint and engine tests share them.
 """
 import copy
 import logging
@@ -20,7 +21,7 @@ from mmengine.structures import InstanceData
 
 import projects.deformable_detr  # noqa: F401  (registers the ddetr modules)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUR_CONFIGS = os.path.join(ROOT, 'configs', 'deformable_detr')
 MMDET_CONFIGS = os.path.join(os.path.dirname(mmdet.__file__), '.mim', 'configs',
                              'deformable_detr')

@@ -41,6 +41,6 @@ setup(
     package_data={'ops': ['csrc/*.h', 'csrc/*/*.cpp', 'csrc/*/*.cu', 'csrc/*/*.cuh']},
     ext_modules=[make_extension()],
     cmdclass={'build_ext': BuildExtension},
-    python_requires='>=3.9',
+    python_requires='>=3.10',  # torch 2.13's own floor
     license='Apache-2.0',
 )

@@ -116,7 +116,7 @@ def test_fine_tune_on_new_classes(demo_checkpoint, new_shapes, tmp_path, run_too
     assert last < 0.9 * first, losses
 
 
-def test_fine_tune_refuses_other_mismatches(demo_checkpoint, tmp_path, run_tool):
+def test_fine_tune_refuses_other_mismatches(demo_checkpoint, new_shapes, tmp_path, run_tool):
     tmp, checkpoint = demo_checkpoint
     ckpt = torch.load(checkpoint, weights_only=False)
     state = ckpt['state_dict']
@@ -124,8 +124,9 @@ def test_fine_tune_refuses_other_mismatches(demo_checkpoint, tmp_path, run_tool)
     state['encoder.layers.0.ffn.layers.1.weight'] = torch.zeros(128, 7)
     broken = str(tmp_path / 'broken.pth')
     torch.save(ckpt, broken)
-    config = _config(str(tmp_path), 'finetune.py', FINETUNE, broken,
-                     osp.join(tmp, 'shapes'), epochs=1)
+    # (the new classes' data: on the demo's, the data set check stops the run first,
+    # since none of the fine-tuning config's classes is one of its categories)
+    config = _config(str(tmp_path), 'finetune.py', FINETUNE, broken, new_shapes, epochs=1)
     proc = run_tool(['tools/train.py', config, '--work-dir', str(tmp_path / 'run')],
                     check=False)
     assert proc.returncode != 0

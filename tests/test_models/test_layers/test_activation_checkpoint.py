@@ -17,7 +17,8 @@ from mmengine.registry import init_default_scope
 from projects.deformable_detr.models.layers.deformable_transformer import (DeformableDecoder,
                                                                      DeformableEncoder)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))))
 DEMO_CONFIG = os.path.join(ROOT, 'configs', 'synthetic',
                            'deformable-detr-refine-twostage_r18_1xb8-synthetic.py')
 

@@ -308,8 +308,9 @@ class ExactResumeHook(MMEngineCheckpointHook):
         # expired checkpoint before writing the new one, and writes last_checkpoint in
         # place (a kill in between leaves none, or an empty name); and here every process
         # (only rank 0 writes) gathers the RNG states into the meta.
-        self._save(runner, step, meta, self.filename_tmpl, self.by_epoch, self.keep_ckpt_ids,
-                   self.max_keep_ckpts, 'keep_ckpt_ids')
+        # (MMEngine makes keep_ckpt_ids only when max_keep_ckpts > 0)
+        self._save(runner, step, meta, self.filename_tmpl, self.by_epoch,
+                   getattr(self, 'keep_ckpt_ids', deque()), self.max_keep_ckpts, 'keep_ckpt_ids')
 
     def _save(self, runner, step: int, meta: dict, filename_tmpl: str, by_epoch: bool,
               kept: Deque[int], max_keep: int, kept_key: str) -> None:

@@ -54,10 +54,15 @@ $(EXT_STAMP): $(EXT_SOURCES)
 	  $(PIP) install -v --no-build-isolation --no-deps -e .
 	@mkdir -p build && touch $@
 
+# One pytest worker per core, at most 4 (pytest-xdist; TEST_JOBS=1 runs them in one
+# process). Most tests run a tool on one thread, so one worker would leave the other
+# cores idle. A test module's tests stay on one worker, with its module fixtures.
 # Prints at its end how long setting up and testing took.
+TEST_JOBS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); echo $$(( n < 4 ? n : 4 )))
 test:
 	@t0=$$(date +%s); $(MAKE) --no-print-directory install || exit $$?; t1=$$(date +%s); \
-	  $(PYTHON) -m pytest tests --durations=15; rc=$$?; t2=$$(date +%s); \
+	  $(PYTHON) -m pytest tests --durations=15 \
+	    $(if $(filter-out 1,$(TEST_JOBS)),-n $(TEST_JOBS) --dist loadscope); rc=$$?; t2=$$(date +%s); \
 	  echo "make test: setting up $$(( (t1 - t0) / 60 ))m$$(( (t1 - t0) % 60 ))s," \
 	    "tests $$(( (t2 - t1) / 60 ))m$$(( (t2 - t1) % 60 ))s"; exit $$rc
 

@@ -14,6 +14,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # export, takes minutes on a loaded 2-core machine (240 s was once not enough).
 TOOL_TIMEOUT = 600
 
+if os.environ.get('PYTEST_XDIST_WORKER'):
+    # `make test` runs one worker per core (pytest -n): each worker on one intra-op
+    # thread, so that the workers do not oversubscribe the cores (TEST_THREADS overrides).
+    torch.set_num_threads(int(os.environ.get('TEST_THREADS', '1')))
+
 
 def _run_tool(args: Sequence[str], env: Optional[Dict[str, str]] = None, check: bool = True,
               pythonpath: Sequence[str] = ()) -> subprocess.CompletedProcess:

@@ -109,6 +109,25 @@ def _assert_runtime_matches(assert_same_detections: Callable, model: torch.nn.Mo
     return [r.pred_instances.scores.numpy() for r in results]
 
 
+def _attention_gathers(graph) -> int:
+    """Gather nodes written for the attention's ``index_select`` (one per level and layer):
+    the exporter keeps each node's aten operator and the model's source line that
+    called it (here the attention layer's call of the op) in its metadata."""
+    def is_attention_gather(node):
+        meta = {p.key: p.value for p in node.metadata_props}
+        call = meta.get('pkg.torch.onnx.stack_trace', '').strip().splitlines()[-1:]
+        return (node.op_type == 'Gather' and 'aten.index_select' in
+                meta.get('pkg.torch.onnx.fx_node', '') and bool(call)
+                and 'multi_scale_deformable_attn(' in call[0])
+    return sum(map(is_attention_gather, graph.node))
+
+
+@pytest.fixture(scope='session')
+def attention_gathers() -> Callable:
+    """Counts a graph's attention Gathers: see :func:`_attention_gathers`."""
+    return _attention_gathers
+
+
 @pytest.fixture(scope='session')
 def configs() -> dict:
     """Config paths (relative to the repository root) by name: see :data:`CONFIGS`."""

@@ -146,3 +146,24 @@ def test_benchmark_model(run_tool):
     # Loss differences of mmdet's and our model in float32 (the same bound as
     # test_mmdet_equivalence's losses, whose scale is O(1)): 1e-4.
     assert diff < 1e-4, out
+
+
+def test_profile_training_splits_an_iteration(tmp_path, synthetic_set, run_tool):
+    """The demo config's iteration in its phases, the detector's parts and a validation."""
+    import re
+    demo = 'configs/synthetic/deformable-detr-refine-twostage_r18_1xb8-synthetic.py'
+    out = run_tool([f'{TOOLS}/profile_training.py', demo, '--iters', '2', '--warmup', '1',
+                    '--work-dir', str(tmp_path), '--cfg-options',
+                    f'train_dataloader.dataset.data_root={synthetic_set}',
+                    f'val_dataloader.dataset.data_root={synthetic_set}',
+                    f'val_evaluator.ann_file={synthetic_set}annotations/val.json',
+                    'train_dataloader.batch_size=2', 'val_dataloader.batch_size=2']).stdout
+    phases = dict(re.findall(r'\| (data|preprocess|forward \+ loss|backward|optimizer step) '
+                             r'\| ([\d.]+) \|', out))
+    assert len(phases) == 5 and all(float(v) > 0 for v in phases.values()), out
+    parts = dict(re.findall(r'\| ([\w ()+]+) \| ([\d.]+) \|\n', out.split('| forward of |')[1]))
+    assert {'backbone', 'neck', 'encoder', 'decoder', 'criterion (matching + loss)'} <= \
+        set(parts), out
+    assert all(float(v) > 0 for v in parts.values()), out
+    assert '4 iterations an epoch' in out  # 8 images, batch 2
+    assert re.search(r'validation: [\d.]+ s inference \(2 images\)', out), out

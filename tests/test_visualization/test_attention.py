@@ -214,11 +214,15 @@ def test_bad_selection_is_named(selection, message, images, one_thread):
 
 
 def test_command_line(images, tmp_path, run_tool):
-    """The tool on a checkpoint of the demo config: files, and a bad query named."""
+    """The tool on a checkpoint of the demo config: files, and a bad query named. The
+    checkpoint holds MMEngine's types as tools/train.py's do (the message hub's
+    HistoryBuffer), which torch's weights-only load refuses unless allowed."""
+    from mmengine.logging import HistoryBuffer
     model = build_model(Config.fromfile(osp.join(ROOT, DEMO_CONFIG)))
     ckpt = str(tmp_path / 'random.pth')
     torch.save(dict(state_dict=model.state_dict(), meta=dict(dataset_meta=dict(
-        classes=CLASSES))), ckpt)
+        classes=CLASSES)), message_hub=dict(log_scalars={'train/loss': HistoryBuffer([1.0], [1])})),
+        ckpt)
     out = tmp_path / 'out'
     run_tool(['tools/analysis_tools/visualize_attention.py', DEMO_CONFIG, ckpt, *images,
               '--out-dir', str(out), '--queries', '0', '5', '--pixels', '20,30', '--device',

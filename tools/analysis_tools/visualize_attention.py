@@ -72,8 +72,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     from mmdet.apis import init_detector
     from mmdet.utils import get_test_pipeline_cfg
 
+    from projects.deformable_detr.checkpoint import allow_mmengine_checkpoints
     from projects.deformable_detr.visualization import visualize_attention
 
+    allow_mmengine_checkpoints()  # a checkpoint tools/train.py saved: MMEngine's types
     device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
     model = init_detector(args.config, args.checkpoint, device=device)
     pipeline = Compose(get_test_pipeline_cfg(model.cfg))

@@ -14,6 +14,8 @@ from typing import Optional
 
 from mmengine.fileio import get_local_path
 
+from ..utils.input_file import read_input_file
+
 
 class DatasetError(ValueError):
     """A data set that cannot be used as it is; the message names the file and the fault."""
@@ -50,19 +52,12 @@ def load_annotation_file(ann_file: str, backend_args: Optional[dict] = None) -> 
             is cut short), or is not a COCO annotation file.
     """
     name = f'annotation file {ann_file}'
-    if _is_local(ann_file, backend_args):
-        if not osp.exists(ann_file):
-            raise DatasetError(f'{name} does not exist')
-        if osp.isdir(ann_file):
-            raise DatasetError(f'{name} is a directory, not a file')
+    local = _is_local(ann_file, backend_args)
     try:
         with get_local_path(ann_file, backend_args=backend_args) as local_path:
-            with open(local_path, 'rb') as f:
-                data = f.read()
-    except OSError as err:
+            data = read_input_file(name, local_path, DatasetError, local)
+    except OSError as err:  # fetching a remote file
         raise DatasetError(f'{name} cannot be read: {err.strerror or err}') from None
-    if not data.strip():
-        raise DatasetError(f'{name} is empty ({len(data)} bytes)')
     try:
         raw = json.loads(data)
     except UnicodeDecodeError:

@@ -10,6 +10,8 @@ from typing import Optional, Sequence
 
 from mmengine.config import Config
 
+from ..utils.input_file import read_input_file
+
 SUFFIXES = ('.py', '.json', '.yaml', '.yml')  # what Config.fromfile reads
 # What each tool builds its run from.
 TRAIN_KEYS = ('model', 'train_dataloader', 'train_cfg', 'optim_wrapper')
@@ -39,19 +41,9 @@ def load_config(path: str, cfg_options: Optional[dict] = None,
             its ``_base_`` files, its ``custom_imports``) or lacks a key of ``needs``.
     """
     name = f'config file {path}'
-    if not osp.exists(path):
-        raise ConfigError(f'{name} does not exist')
-    if osp.isdir(path):
-        raise ConfigError(f'{name} is a directory, not a file')
-    if not path.endswith(SUFFIXES):
+    if osp.isfile(path) and not path.endswith(SUFFIXES):
         raise ConfigError(f'{name}: a config is a {", ".join(SUFFIXES)} file')
-    try:
-        with open(path, 'rb') as f:
-            data = f.read()
-    except OSError as err:
-        raise ConfigError(f'{name} cannot be read: {err.strerror or err}') from None
-    if not data.strip():
-        raise ConfigError(f'{name} is empty ({len(data)} bytes)')
+    read_input_file(name, path, ConfigError)
     try:
         cfg = Config.fromfile(path)
     except ImportError as err:

@@ -65,7 +65,9 @@ model = dict(
 # clip: a small model, a small batch and a budget of minutes.
 optim_wrapper = dict(
     type='OptimWrapper',
-    optimizer=dict(type='AdamW', lr=4e-4, weight_decay=1e-4),
+    # fused: one kernel for all parameters; the default loops over them, op by op,
+    # which was 14% of a demo iteration on 2 cores
+    optimizer=dict(type='AdamW', lr=4e-4, weight_decay=1e-4, fused=True),
     clip_grad=dict(max_norm=1.0, norm_type=2),
     paramwise_cfg=dict(custom_keys={
         'sampling_offsets': dict(lr_mult=0.1),

@@ -74,7 +74,7 @@ model = dict(
 # the same optimiser and schedule as the Deformable DETR demo config
 optim_wrapper = dict(
     type='OptimWrapper',
-    optimizer=dict(type='AdamW', lr=4e-4, weight_decay=1e-4),
+    optimizer=dict(type='AdamW', lr=4e-4, weight_decay=1e-4, fused=True),
     clip_grad=dict(max_norm=1.0, norm_type=2))
 
 max_epochs = 7

@@ -17,6 +17,9 @@ def test_train_writes_checkpoints_logs_and_metrics(baseline_run, read_records, l
     assert sorted(records) == list(range(1, 9))
     assert all(np.isfinite(r['loss']) and r['dtype'] == 'torch.float32'
                for r in records.values())
+    # pycocotools reports -1 when it finds no ground truth to score against: >= 0 says the
+    # validation evaluated the annotated images. 8 iterations learn nothing measurable;
+    # that the model learns is test_smoke_map.py's bar (mAP >= 0.1 after 120 iterations).
     assert last_metrics(work_dir)['coco/bbox_mAP'] >= 0
 
 

@@ -58,6 +58,29 @@ def wait_for(path: str, proc: subprocess.Popen, log: str, seconds: float = 200) 
     assert proc.poll() is None, open(log).read()[-3000:]
 
 
+def start_after_first_checkpoint(work_dir, data_root: str, start_tool):
+    """Starts the at-scale training into ``work_dir`` and returns, once its first
+    iteration checkpoint exists, its command line, work dir, log and process."""
+    work_dir = str(work_dir)
+    train = ['tools/train.py', AT_SCALE, '--work-dir', work_dir, '--cfg-options',
+             *options(data_root)]
+    log = work_dir + '.log'
+    proc = start_tool(train, log=log)
+    wait_for(osp.join(work_dir, 'iter_2.pth'), proc, log)
+    return train, work_dir, log, proc
+
+
+def resume_ends_as(expected: dict, train: list, work_dir: str, at: int, run_tool) -> None:
+    """``--resume`` continues from iteration ``at`` and ends bit for bit as ``expected``
+    (weights, optimizer, RNG states and both EMA sets)."""
+    resumed = run_tool(train + ['--resume'])
+    out = resumed.stdout + resumed.stderr
+    assert f'iter: {at}' in out and 'resume is not exact' not in out, out[-3000:]
+    final = last_checkpoint(work_dir)
+    assert_bitwise_equal(final, expected)
+    assert_ema_equal(final, expected)
+
+
 def test_iteration_checkpoints_last_two_kept_beside_epoch_checkpoints(whole_run):
     files = sorted(f for f in os.listdir(whole_run) if f.endswith('.pth'))
     # 8 iterations: iter_2, 4, 6, 8 saved, the last 2 kept; epochs as the demo keeps
@@ -77,13 +100,8 @@ def test_iteration_checkpoints_last_two_kept_beside_epoch_checkpoints(whole_run)
 
 def test_sigkill_and_resume_with_ema_bitwise_equal(tmp_path, whole_run, synthetic_set,
                                                    run_tool, start_tool):
-    expected = last_checkpoint(whole_run)
-    work_dir = str(tmp_path / 'killed')
-    train = ['tools/train.py', AT_SCALE, '--work-dir', work_dir, '--cfg-options',
-             *options(synthetic_set)]
-    log = str(tmp_path / 'killed.log')
-    proc = start_tool(train, log=log)
-    wait_for(osp.join(work_dir, 'iter_2.pth'), proc, log)
+    train, work_dir, log, proc = start_after_first_checkpoint(tmp_path / 'killed',
+                                                              synthetic_set, start_tool)
     time.sleep(random.uniform(0.0, 1.5))
     assert proc.poll() is None, open(log).read()[-3000:]
     os.killpg(proc.pid, signal.SIGKILL)
@@ -91,25 +109,15 @@ def test_sigkill_and_resume_with_ema_bitwise_equal(tmp_path, whole_run, syntheti
     at = last_checkpoint(work_dir)['meta']['iter']
     assert at < 8
 
-    resumed = run_tool(train + ['--resume'])
-    out = resumed.stdout + resumed.stderr
-    assert f'iter: {at}' in out and 'resume is not exact' not in out, out[-3000:]
-    final = last_checkpoint(work_dir)
-    assert_bitwise_equal(final, expected)
-    assert_ema_equal(final, expected)
+    resume_ends_as(last_checkpoint(whole_run), train, work_dir, at, run_tool)
 
 
 def test_preempted_run_saves_exits_75_and_resumes_bitwise_equal(
         tmp_path, whole_run, synthetic_set, run_tool, start_tool):
     """SIGTERM at an arbitrary moment, then again every 20 ms until the process has
     exited: the later ones arrive while the checkpoint is written."""
-    expected = last_checkpoint(whole_run)
-    work_dir = str(tmp_path / 'preempted')
-    train = ['tools/train.py', AT_SCALE, '--work-dir', work_dir, '--cfg-options',
-             *options(synthetic_set)]
-    log = str(tmp_path / 'preempted.log')
-    proc = start_tool(train, log=log)
-    wait_for(osp.join(work_dir, 'iter_2.pth'), proc, log)
+    train, work_dir, log, proc = start_after_first_checkpoint(tmp_path / 'preempted',
+                                                              synthetic_set, start_tool)
     time.sleep(random.uniform(0.0, 1.0))
     signals = 0
     while proc.poll() is None:
@@ -125,12 +133,7 @@ def test_preempted_run_saves_exits_75_and_resumes_bitwise_equal(
     assert osp.basename(open(osp.join(work_dir, 'last_checkpoint')).read()) == \
         f'iter_{at}.pth'
 
-    resumed = run_tool(train + ['--resume'])
-    out = resumed.stdout + resumed.stderr
-    assert f'iter: {at}' in out and 'resume is not exact' not in out, out[-3000:]
-    final = last_checkpoint(work_dir)
-    assert_bitwise_equal(final, expected)
-    assert_ema_equal(final, expected)
+    resume_ends_as(last_checkpoint(whole_run), train, work_dir, at, run_tool)
 
 
 def predictions(path: str) -> list:

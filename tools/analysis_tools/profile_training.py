@@ -13,11 +13,11 @@ those of any iteration, not of a converged model's (the matching and the top-k d
 depend on the weights' values much).
 """
 import argparse
+import os.path as osp
 import statistics
 import sys
 import time
 from collections import defaultdict
-from os import path as osp
 from typing import Dict, List
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))

@@ -1,4 +1,5 @@
 """Fixtures of every test: running a tool's command line as a user would."""
+import atexit
 import os
 import subprocess
 import sys
@@ -8,6 +9,7 @@ import pytest
 import torch
 from model_fixtures import (build_demo_model, build_pair, config_path,  # noqa: F401
                             make_batch, small_model_cfg)
+from tool_launcher import ToolLauncher
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # seconds: a guard against a hung tool, not a speed check. The longest tool run, an ONNX
@@ -20,9 +22,35 @@ if os.environ.get('PYTEST_XDIST_WORKER'):
     torch.set_num_threads(int(os.environ.get('TEST_THREADS', '1')))
 
 
+_launcher: Optional[ToolLauncher] = None
+
+
+def _tool_env() -> Dict[str, str]:
+    """The environment of every tool run, before a test's own variables."""
+    env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', PYTHONFAULTHANDLER='1')
+    env.setdefault('PYTHON', sys.executable)  # the interpreter the .sh launchers run
+    return env
+
+
+def _tool_launcher() -> Optional[ToolLauncher]:
+    """This process's launcher of Python tools (see tests/tool_launcher.py), started on
+    first use; None when ``TEST_TOOL_LAUNCHER=subprocess``."""
+    global _launcher
+    if os.environ.get('TEST_TOOL_LAUNCHER', 'fork') == 'subprocess':
+        return None
+    if _launcher is None:
+        env = _tool_env()
+        env.pop('PYTHONPATH', None)  # the libraries it imports come from site-packages
+        _launcher = ToolLauncher(env, ROOT, niceness=5)
+        atexit.register(_launcher.close)
+    return _launcher
+
+
 def _run_tool(args: Sequence[str], env: Optional[Dict[str, str]] = None, check: bool = True,
               pythonpath: Sequence[str] = ()) -> subprocess.CompletedProcess:
-    """Runs a tool in a subprocess from the repository root, niced, on one thread.
+    """Runs a tool from the repository root, niced, on one thread, as ``python TOOL ...``
+    (a fresh process, or a child of the launcher: see tests/tool_launcher.py) or as
+    ``bash TOOL.sh ...``.
 
     Args:
         args: The command line: ``['tools/train.py', ...]`` (run with this Python) or
@@ -34,15 +62,17 @@ def _run_tool(args: Sequence[str], env: Optional[Dict[str, str]] = None, check: 
     Returns:
         The finished process, its output captured as text.
     """
-    full_env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1',
-                    PYTHONFAULTHANDLER='1',
-                    PYTHONPATH=os.pathsep.join([*pythonpath, ROOT,
-                                                os.environ.get('PYTHONPATH', '')]))
-    full_env.setdefault('PYTHON', sys.executable)  # the interpreter the .sh launchers run
+    full_env = dict(_tool_env(), PYTHONPATH=os.pathsep.join(
+        [*pythonpath, ROOT, os.environ.get('PYTHONPATH', '')]))
     full_env.update(env or {})
-    cmd = ['nice', '-n', '5'] + ([sys.executable] if args[0].endswith('.py') else []) + list(args)
-    proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True,
-                          timeout=TOOL_TIMEOUT)
+    launcher = _tool_launcher()
+    if launcher is not None and launcher.serves(args, full_env):
+        proc = launcher.run(args, full_env, timeout=TOOL_TIMEOUT)
+    else:
+        cmd = ['nice', '-n', '5'] + ([sys.executable] if args[0].endswith('.py') else []) \
+            + list(args)
+        proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True,
+                              timeout=TOOL_TIMEOUT)
     if check and proc.returncode != 0:
         raise AssertionError(f'{" ".join(args)} exited with {proc.returncode}:\n'
                              f'{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}')

@@ -4,10 +4,8 @@ import json
 import math
 import os
 import os.path as osp
-import subprocess
-import sys
 from types import SimpleNamespace
-from typing import Callable, List
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -16,7 +14,6 @@ from PIL import Image, ImageDraw
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 DEMO_CONFIG = osp.join(ROOT, 'configs', 'synthetic',
                        'deformable-detr-refine-twostage_r18_1xb8-synthetic.py')
-TIMEOUT = 300
 CLASSES = ('circle', 'square', 'triangle', 'cross', 'star')
 
 # The problems of the set below: kind -> the ids (image ids for file problems, annotation
@@ -193,18 +190,3 @@ def build_dataset(broken_coco) -> Callable:
     def build(split: str = 'train', **overrides):
         return DATASETS.build(dict(cfg[f'{split}_dataloader'].dataset, **overrides))
     return build
-
-
-@pytest.fixture
-def run_tool() -> Callable[..., subprocess.CompletedProcess]:
-    """Runs a script of tools/ (``['tools/train.py', ...]``) from the root, niced."""
-    def run(args: List[str], check: bool = True) -> subprocess.CompletedProcess:
-        env = dict(os.environ, OMP_NUM_THREADS='1', OMP_WAIT_POLICY='PASSIVE',
-                   PYTHONPATH=ROOT)
-        proc = subprocess.run(['nice', '-n', '5', sys.executable] + args, cwd=ROOT, env=env,
-                              capture_output=True, text=True, timeout=TIMEOUT)
-        if check and proc.returncode != 0:
-            raise AssertionError(f'{" ".join(args)} exited with {proc.returncode}:\n'
-                                 f'{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}')
-        return proc
-    return run

@@ -170,3 +170,18 @@ def test_bad_op_mode_and_opset_in_the_library(random_detector, tmp_path):
         export_onnx(model, str(tmp_path / 'x.onnx'), (64, 64), opset=16)
 
 
+
+
+def test_optimizer_skips_only_the_named_rewrite_rules():
+    """The optimizer's rewrite rules less SKIPPED_REWRITE_RULES, restored afterwards: if
+    onnxscript renames or drops a skipped rule, this says so (the skip would be moot)."""
+    from onnxscript import rewriter
+
+    from projects.deformable_detr.deployment.onnx_export import (
+        SKIPPED_REWRITE_RULES, _default_rewrite_rules_without)
+    before = rewriter._DEFAULT_REWRITE_RULES
+    with _default_rewrite_rules_without(SKIPPED_REWRITE_RULES):
+        names = [r.name for r in rewriter._DEFAULT_REWRITE_RULES]
+        assert not set(names) & set(SKIPPED_REWRITE_RULES)
+        assert len(names) == len(before) - len(SKIPPED_REWRITE_RULES)
+    assert rewriter._DEFAULT_REWRITE_RULES is before

@@ -32,6 +32,16 @@ def _tool_env() -> Dict[str, str]:
     return env
 
 
+def _full_tool_env(pythonpath: Sequence[str] = (), env: Optional[Dict[str, str]] = None
+                   ) -> Dict[str, str]:
+    """:func:`_tool_env` with ``pythonpath`` and the repository root importable, then
+    ``env``."""
+    full_env = dict(_tool_env(), PYTHONPATH=os.pathsep.join(
+        [*pythonpath, ROOT, os.environ.get('PYTHONPATH', '')]))
+    full_env.update(env or {})
+    return full_env
+
+
 def _tool_launcher() -> Optional[ToolLauncher]:
     """This process's launcher of Python tools (see tests/tool_launcher.py), started on
     first use; None when ``TEST_TOOL_LAUNCHER=subprocess``."""
@@ -62,9 +72,7 @@ def _run_tool(args: Sequence[str], env: Optional[Dict[str, str]] = None, check: 
     Returns:
         The finished process, its output captured as text.
     """
-    full_env = dict(_tool_env(), PYTHONPATH=os.pathsep.join(
-        [*pythonpath, ROOT, os.environ.get('PYTHONPATH', '')]))
-    full_env.update(env or {})
+    full_env = _full_tool_env(pythonpath, env)
     launcher = _tool_launcher()
     if launcher is not None and launcher.serves(args, full_env):
         proc = launcher.run(args, full_env, timeout=TOOL_TIMEOUT)
@@ -77,6 +85,13 @@ def _run_tool(args: Sequence[str], env: Optional[Dict[str, str]] = None, check: 
         raise AssertionError(f'{" ".join(args)} exited with {proc.returncode}:\n'
                              f'{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}')
     return proc
+
+
+@pytest.fixture(scope='session')
+def tool_env() -> Callable[..., Dict[str, str]]:
+    """``tool_env(pythonpath=(), env=None)``: the environment ``run_tool`` runs a tool in
+    (for tests that start one themselves)."""
+    return _full_tool_env
 
 
 @pytest.fixture(scope='session')

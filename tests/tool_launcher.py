@@ -20,6 +20,7 @@ instead, as do ``.sh`` launchers; ``TEST_TOOL_LAUNCHER=subprocess`` gives every 
     python tests/tool_launcher.py FD   # the launcher: requests on stdin, replies on fd FD
 """
 import builtins
+import importlib
 import importlib.machinery
 import json
 import os
@@ -118,13 +119,12 @@ def _serve(reply_fd: int) -> None:
     # What the imports print goes to two files, replayed by every child.
     captured = {}
     for fd in (1, 2):
-        sys.stdout.flush(), sys.stderr.flush()
         captured[fd] = tempfile.TemporaryFile()
         os.dup2(captured[fd].fileno(), fd)
-    import importlib
     for name in PRELOAD:
         importlib.import_module(name)
-    sys.stdout.flush(), sys.stderr.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
     preload = {}
     for fd in (1, 2):
         captured[fd].seek(0)

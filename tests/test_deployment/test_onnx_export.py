@@ -170,8 +170,6 @@ def test_bad_op_mode_and_opset_in_the_library(random_detector, tmp_path):
         export_onnx(model, str(tmp_path / 'x.onnx'), (64, 64), opset=16)
 
 
-
-
 def test_optimizer_skips_only_the_named_rewrite_rules():
     """The optimizer's rewrite rules less SKIPPED_REWRITE_RULES, restored afterwards: if
     onnxscript renames or drops a skipped rule, this says so (the skip would be moot)."""

@@ -277,7 +277,7 @@ def run_tool(run_tool, tiny_setup) -> Callable:
 
 
 @pytest.fixture(scope='session')
-def start_tool(tiny_setup) -> Callable[..., subprocess.Popen]:
+def start_tool(tiny_setup, tool_env) -> Callable[..., subprocess.Popen]:
     """Starts a tool's command line as ``run_tool`` runs it, without waiting for it.
 
     The process leads its own process group (``os.killpg`` reaches its children too);
@@ -285,12 +285,7 @@ def start_tool(tiny_setup) -> Callable[..., subprocess.Popen]:
     """
 
     def start(args, log: str, env: Optional[Dict[str, str]] = None) -> subprocess.Popen:
-        full_env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1',
-                        PYTHONFAULTHANDLER='1',
-                        PYTHONPATH=os.pathsep.join([tiny_setup['tmp'], ROOT,
-                                                    os.environ.get('PYTHONPATH', '')]))
-        full_env.setdefault('PYTHON', sys.executable)
-        full_env.update(env or {})
+        full_env = tool_env([tiny_setup['tmp']], env)
         cmd = ['nice', '-n', '5'] + ([sys.executable] if args[0].endswith('.py') else []) \
             + list(args)
         with open(log, 'w') as out:

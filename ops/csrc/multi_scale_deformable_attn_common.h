@@ -26,15 +26,24 @@ struct BilinearTaps {
   acc_t dweight_dy[4];   // d weight / d y
 };
 
+// Whether every pixel of an h x w level whose first key is `start` is a row of value
+// (start + h * w <= num_keys): then no tap of the level needs its own bound. Computed once
+// per level, it spares the hot loops four integer divisions a sampling point. Written so
+// that no integer arithmetic can overflow, whatever h, w and start hold.
+MSDA_HOST_DEVICE bool level_fits(int64_t h, int64_t w, int64_t start, int64_t num_keys) {
+  return h > 0 && w > 0 && start >= 0 && start <= num_keys && h <= (num_keys - start) / w;
+}
+
 // Taps of location (x, y) in [0, 1] on an h x w level whose first key is `start`.
 // align_corners=False: pixel i covers [i, i + 1) / size, so its centre is (i + 0.5) / size.
 // Every index is also bounded by `num_keys`, so that inconsistent level shapes or starts
 // (not validated on the GPU, where that would need a host sync) can never read outside
 // value, whatever h, w and start hold: the row is formed only once it is known to lie in
-// [0, num_keys), so that no integer arithmetic can overflow on the way.
+// [0, num_keys), so that no integer arithmetic can overflow on the way. `fits` is
+// level_fits(h, w, start, num_keys), which makes that per-tap bound unnecessary.
 template <typename acc_t>
 MSDA_HOST_DEVICE BilinearTaps<acc_t> bilinear_taps(acc_t x, acc_t y, int64_t h, int64_t w,
-                                                   int64_t start, int64_t num_keys) {
+                                                   int64_t start, int64_t num_keys, bool fits) {
   BilinearTaps<acc_t> t;
   const acc_t xi = x * static_cast<acc_t>(w) - acc_t(0.5);
   const acc_t yi = y * static_cast<acc_t>(h) - acc_t(0.5);
@@ -63,11 +72,11 @@ MSDA_HOST_DEVICE BilinearTaps<acc_t> bilinear_taps(acc_t x, acc_t y, int64_t h, 
   for (int k = 0; k < 4; ++k) {
     // x0 and y0 lie in [-1, 2^63 - 1024]: xi and yi are above -1 and below w and h.
     const int64_t xx = x0 + (k & 1), yy = y0 + (k >> 1);
-    const bool in_map = start_valid && xx >= 0 && xx < w && yy >= 0 && yy < h;
+    const bool in_map = xx >= 0 && xx < w && yy >= 0 && yy < h;
     // Given in_map (so w > 0): start + yy * w + xx < num_keys <=> yy * w <= room. room
     // cannot overflow once start and xx are in range, and the product is tested by division.
-    const bool inside = in_map && num_keys - 1 - start - xx >= 0 &&
-                        yy <= (num_keys - 1 - start - xx) / w;
+    const bool inside = in_map && (fits || (start_valid && num_keys - 1 - start - xx >= 0 &&
+                                            yy <= (num_keys - 1 - start - xx) / w));
     t.index[k] = inside ? start + yy * w + xx : -1;
     t.weight[k] = wy[k] * wx[k];
     t.dweight_dx[k] = sign_x[k] * wy[k] * sx;

@@ -41,7 +41,8 @@ def test_cpu_kernel_is_built():
 @needs_mmcv
 @pytest.mark.parametrize('shapes', SHAPES.values(), ids=SHAPES.keys())
 @pytest.mark.parametrize('heads', [1, 8])
-@pytest.mark.parametrize('dim', [4, 32, 33])
+# 16 and 32 channels a head have kernels of their own (the d=128 and d=256 models).
+@pytest.mark.parametrize('dim', [4, 16, 32, 33])
 def test_matches_mmcv_float32(shapes, heads, dim, make_inputs, forward_backward,
                               assert_close_relative, sum_lengths):
     inputs = make_inputs(shapes, bs=2, heads=heads, dim=dim, nq=13, points=4)

@@ -70,21 +70,31 @@ def test_kernel_guards_direct_calls(make_inputs):
         torch.ops.ddetr.multi_scale_deformable_attn(*bad.values())
 
 
-def test_kernel_never_reads_outside_value(make_inputs):
-    """Level shapes larger than value (unchecked on GPUs) only drop the keys past the end."""
-    inputs = make_inputs(SHAPES, heads=4, dim=8, nq=5, points=3)
+# 8: the kernels for any channel count; 16 and 32: those for a fixed one.
+@pytest.mark.parametrize('dim', [8, 16, 32])
+def test_kernel_never_reads_outside_value(make_inputs, dim):
+    """Level shapes larger than value (unchecked on GPUs) only drop the keys past the end,
+    in the forward and in the backward."""
+    inputs = make_inputs(SHAPES, heads=4, dim=dim, nq=5, points=3)
     shapes = torch.tensor([[6, 5], [3, 3], [50, 50]])
-    out = torch.ops.ddetr.multi_scale_deformable_attn(
-        inputs['value'], shapes, inputs['level_start_index'], inputs['sampling_locations'],
-        inputs['attention_weights'])
     # what it must give: value padded with zeros up to the keys the shapes declare
     value = inputs['value']
-    missing = int(shapes.prod(1).sum()) - value.shape[1]
+    num_keys = value.shape[1]
+    missing = int(shapes.prod(1).sum()) - num_keys
     padded = torch.cat([value, value.new_zeros(value.shape[0], missing, *value.shape[2:])], 1)
-    expected = torch.ops.ddetr.multi_scale_deformable_attn(
-        padded, shapes, inputs['level_start_index'], inputs['sampling_locations'],
-        inputs['attention_weights'])
-    assert (expected != 0).any()
+    grad_out = torch.randn(value.shape[0], 5, 4 * dim, dtype=value.dtype)
+
+    def run(value):
+        args = [value, inputs['sampling_locations'], inputs['attention_weights']]
+        args = [a.detach().requires_grad_() for a in args]
+        out = torch.ops.ddetr.multi_scale_deformable_attn(
+            args[0], shapes, inputs['level_start_index'], *args[1:])
+        out.backward(grad_out)
+        return [out, args[0].grad[:, :num_keys], args[1].grad, args[2].grad]
+
+    got, expected = run(value), run(padded)
+    assert (expected[0] != 0).any()
     # the same sums, with exact zeros added in place of the dropped corners: not one bit
     # may differ
-    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

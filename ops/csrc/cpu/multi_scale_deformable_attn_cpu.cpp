@@ -9,6 +9,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <type_traits>
 #include <vector>
 
 #include "../multi_scale_deformable_attn_common.h"
@@ -35,74 +36,94 @@ struct Inputs {
   const scalar_t* attn;
 };
 
-// Output rows (b, q, :) for b * nq + q in [begin, end).
+// level_fits of every level, once per range of rows.
 template <typename scalar_t>
+std::vector<char> fitting_levels(const Sizes& s, const Inputs<scalar_t>& in) {
+  std::vector<char> fits(s.levels);
+  for (int64_t l = 0; l < s.levels; ++l) {
+    fits[l] = level_fits(in.shapes[2 * l], in.shapes[2 * l + 1], in.starts[l], s.num_keys);
+  }
+  return fits;
+}
+
+// Output rows (b, q, :) for b * nq + q in [begin, end). kDim > 0 is the channel count of
+// a head known at compile time (see with_channels): the accumulators then stay in vector
+// registers across a row's taps instead of going through memory at each one.
+template <typename scalar_t, int kDim>
 MSDA_CPU_CLONES void forward_rows(const Sizes& s, const Inputs<scalar_t>& in, scalar_t* out,
                                   int64_t begin, int64_t end) {
   using acc_t = at::opmath_type<scalar_t>;
+  const int64_t dim = kDim > 0 ? kDim : s.dim;
   const int64_t lp = s.levels * s.points;
-  std::vector<acc_t> acc(s.dim);
+  std::vector<acc_t> acc_any(kDim > 0 ? 0 : dim);
+  acc_t acc_fixed[kDim > 0 ? kDim : 1];
+  acc_t* acc = kDim > 0 ? acc_fixed : acc_any.data();
+  const std::vector<char> fits = fitting_levels(s, in);
   for (int64_t bq = begin; bq < end; ++bq) {
     const int64_t b = bq / s.nq;
     for (int64_t h = 0; h < s.heads; ++h) {
-      std::fill(acc.begin(), acc.end(), acc_t(0));
+      for (int64_t c = 0; c < dim; ++c) acc[c] = acc_t(0);
       const int64_t row = bq * s.heads + h;  // (b, q, h)
       for (int64_t l = 0; l < s.levels; ++l) {
         for (int64_t p = 0; p < s.points; ++p) {
           const int64_t i = row * lp + l * s.points + p;
           const auto taps = bilinear_taps<acc_t>(
               static_cast<acc_t>(in.loc[2 * i]), static_cast<acc_t>(in.loc[2 * i + 1]),
-              in.shapes[2 * l], in.shapes[2 * l + 1], in.starts[l], s.num_keys);
+              in.shapes[2 * l], in.shapes[2 * l + 1], in.starts[l], s.num_keys, fits[l]);
           const acc_t a = static_cast<acc_t>(in.attn[i]);
           for (int k = 0; k < 4; ++k) {
             if (taps.index[k] < 0) continue;
             const acc_t wgt = a * taps.weight[k];
-            const scalar_t* v = in.value + ((b * s.num_keys + taps.index[k]) * s.heads + h) * s.dim;
+            const scalar_t* v = in.value + ((b * s.num_keys + taps.index[k]) * s.heads + h) * dim;
 #pragma omp simd
-            for (int64_t c = 0; c < s.dim; ++c) acc[c] += wgt * static_cast<acc_t>(v[c]);
+            for (int64_t c = 0; c < dim; ++c) acc[c] += wgt * static_cast<acc_t>(v[c]);
           }
         }
       }
-      scalar_t* o = out + row * s.dim;
-      for (int64_t c = 0; c < s.dim; ++c) o[c] = static_cast<scalar_t>(acc[c]);
+      scalar_t* o = out + row * dim;
+      for (int64_t c = 0; c < dim; ++c) o[c] = static_cast<scalar_t>(acc[c]);
     }
   }
 }
 
 // Gradients of every (b, q, h) with b * heads + h in [begin, end): such a range owns the
 // rows value[b, :, h, :], so grad_value (accumulated in acc_t, float32 for bfloat16)
-// needs no atomics.
-template <typename scalar_t>
+// needs no atomics. kDim as in forward_rows.
+template <typename scalar_t, int kDim>
 MSDA_CPU_CLONES void backward_heads(const Sizes& s, const Inputs<scalar_t>& in,
                                     const scalar_t* grad_out,
                                     at::opmath_type<scalar_t>* grad_value, scalar_t* grad_loc,
                                     scalar_t* grad_attn, int64_t begin, int64_t end) {
   using acc_t = at::opmath_type<scalar_t>;
+  const int64_t dim = kDim > 0 ? kDim : s.dim;
   const int64_t lp = s.levels * s.points;
-  std::vector<acc_t> go(s.dim);
+  std::vector<acc_t> go_any(kDim > 0 ? 0 : dim);
+  acc_t go_fixed[kDim > 0 ? kDim : 1];
+  acc_t* go = kDim > 0 ? go_fixed : go_any.data();
+  const std::vector<char> fits = fitting_levels(s, in);
   for (int64_t bh = begin; bh < end; ++bh) {
     const int64_t b = bh / s.heads, h = bh % s.heads;
     for (int64_t q = 0; q < s.nq; ++q) {
       const int64_t row = (b * s.nq + q) * s.heads + h;  // (b, q, h)
-      const scalar_t* go_src = grad_out + row * s.dim;
-      for (int64_t c = 0; c < s.dim; ++c) go[c] = static_cast<acc_t>(go_src[c]);
+      const scalar_t* go_src = grad_out + row * dim;
+      for (int64_t c = 0; c < dim; ++c) go[c] = static_cast<acc_t>(go_src[c]);
       for (int64_t l = 0; l < s.levels; ++l) {
         for (int64_t p = 0; p < s.points; ++p) {
           const int64_t i = row * lp + l * s.points + p;
           const auto taps = bilinear_taps<acc_t>(
               static_cast<acc_t>(in.loc[2 * i]), static_cast<acc_t>(in.loc[2 * i + 1]),
-              in.shapes[2 * l], in.shapes[2 * l + 1], in.starts[l], s.num_keys);
+              in.shapes[2 * l], in.shapes[2 * l + 1], in.starts[l], s.num_keys, fits[l]);
           const acc_t a = static_cast<acc_t>(in.attn[i]);
           acc_t g_attn = 0, g_x = 0, g_y = 0;
           for (int k = 0; k < 4; ++k) {
             if (taps.index[k] < 0) continue;
-            const int64_t offset = ((b * s.num_keys + taps.index[k]) * s.heads + h) * s.dim;
+            const int64_t offset = ((b * s.num_keys + taps.index[k]) * s.heads + h) * dim;
             const scalar_t* v = in.value + offset;
             acc_t* gv = grad_value + offset;
             const acc_t wgt = a * taps.weight[k];
             acc_t dot = 0;
 #pragma omp simd reduction(+ : dot)
-            for (int64_t c = 0; c < s.dim; ++c) {
+            for (int64_t c = 0; c < dim; ++c) {
               dot += go[c] * static_cast<acc_t>(v[c]);
               gv[c] += wgt * go[c];
             }
@@ -116,6 +137,17 @@ MSDA_CPU_CLONES void backward_heads(const Sizes& s, const Inputs<scalar_t>& in,
         }
       }
     }
+  }
+}
+
+// Calls f(std::integral_constant<int, kDim>) with kDim = dim for the channel counts a head
+// usually has (d_model 128 or 256 over 8 heads), 0 (any count) otherwise.
+template <typename F>
+void with_channels(int64_t dim, F&& f) {
+  switch (dim) {
+    case 16: return f(std::integral_constant<int, 16>{});
+    case 32: return f(std::integral_constant<int, 32>{});
+    default: return f(std::integral_constant<int, 0>{});
   }
 }
 
@@ -139,8 +171,10 @@ at::Tensor forward_cpu(const at::Tensor& value_in, const at::Tensor& spatial_sha
     scalar_t* out_ptr = out.mutable_data_ptr<scalar_t>();
     // A (batch, query) row costs heads * levels * points * 4 * dim multiply-adds.
     const int64_t grain = std::max<int64_t>(1, 32768 / (s.heads * s.levels * s.points * 4 * s.dim));
-    at::parallel_for(0, s.bs * s.nq, grain, [&](int64_t begin, int64_t end) {
-      forward_rows<scalar_t>(s, in, out_ptr, begin, end);
+    with_channels(s.dim, [&](auto k_dim) {
+      at::parallel_for(0, s.bs * s.nq, grain, [&](int64_t begin, int64_t end) {
+        forward_rows<scalar_t, decltype(k_dim)::value>(s, in, out_ptr, begin, end);
+      });
     });
   });
   return out;
@@ -164,8 +198,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     auto* gv = grad_value.mutable_data_ptr<at::opmath_type<scalar_t>>();
     scalar_t* gl = grad_loc.mutable_data_ptr<scalar_t>();
     scalar_t* ga = grad_attn.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, s.bs * s.heads, 1, [&](int64_t begin, int64_t end) {
-      backward_heads<scalar_t>(s, in, go, gv, gl, ga, begin, end);
+    with_channels(s.dim, [&](auto k_dim) {
+      at::parallel_for(0, s.bs * s.heads, 1, [&](int64_t begin, int64_t end) {
+        backward_heads<scalar_t, decltype(k_dim)::value>(s, in, go, gv, gl, ga, begin, end);
+      });
     });
   });
   return {grad_value.to(value.scalar_type()), grad_loc, grad_attn};

@@ -116,10 +116,11 @@ __global__ void forward_kernel(KernelSizes s, int group, const scalar_t* __restr
     for (int i = 0; i < V; ++i) acc[i] = acc_t(0);
     for (int64_t l = 0; l < s.levels; ++l) {
       const int64_t h_l = shapes[2 * l], w_l = shapes[2 * l + 1], start = starts[l];
+      const bool fits = level_fits(h_l, w_l, start, s.num_keys);
       for (int64_t p = 0; p < s.points; ++p) {
         const int64_t i = l * s.points + p;
         const auto taps = bilinear_taps<acc_t>(to_acc(loc_q[2 * i]), to_acc(loc_q[2 * i + 1]),
-                                               h_l, w_l, start, s.num_keys);
+                                               h_l, w_l, start, s.num_keys, fits);
         const acc_t a = to_acc(attn_q[i]);
 #pragma unroll
         for (int k = 0; k < 4; ++k) {
@@ -177,13 +178,14 @@ __global__ void backward_kernel(KernelSizes s, int group, const scalar_t* __rest
 
   for (int64_t l = 0; l < s.levels; ++l) {
     const int64_t h_l = shapes[2 * l], w_l = shapes[2 * l + 1], start = starts[l];
+    const bool fits = level_fits(h_l, w_l, start, s.num_keys);
     for (int64_t p = 0; p < s.points; ++p) {
       const int64_t i = bqh * lp + l * s.points + p;
       BilinearTaps<acc_t> taps;
       acc_t a = acc_t(0);
       if (active) {
         taps = bilinear_taps<acc_t>(to_acc(loc[2 * i]), to_acc(loc[2 * i + 1]), h_l, w_l, start,
-                                    s.num_keys);
+                                    s.num_keys, fits);
         a = to_acc(attn[i]);
       } else {
         for (int k = 0; k < 4; ++k) taps.index[k] = -1;

@@ -1,4 +1,4 @@
-# Fine-tuning the demo's model (`make demo` writes work_dirs/demo/epoch_8.pth: five
+# Fine-tuning the demo's model (`make demo` writes work_dirs/demo/epoch_7.pth: five
 # shapes) on three shapes it has never seen: diamond, hexagon, ring. Every tensor of the
 # checkpoint is loaded except the class branches (5 -> 3 classes), which keep the model's
 # initialisation; ddetr.FineTuneHook logs each by name with both shapes, and refuses any
@@ -10,7 +10,7 @@
 #       configs/synthetic/deformable-detr-refine-twostage_r18_1xb8-synthetic-newshapes-finetune.py
 _base_ = './deformable-detr-refine-twostage_r18_1xb8-synthetic.py'
 
-load_from = 'work_dirs/demo/epoch_8.pth'
+load_from = 'work_dirs/demo/epoch_7.pth'
 custom_hooks = [dict(type='ddetr.FineTuneHook')]
 
 data_root = 'data/synthetic_newshapes/'

@@ -74,16 +74,16 @@ model = dict(
 # the same optimiser and schedule as the Deformable DETR demo config
 optim_wrapper = dict(
     type='OptimWrapper',
-    optimizer=dict(type='AdamW', lr=4e-4, weight_decay=1e-4, fused=True),
+    optimizer=dict(type='AdamW', lr=8e-4, weight_decay=1e-4, fused=True),
     clip_grad=dict(max_norm=1.0, norm_type=2))
 
-max_epochs = 8
+max_epochs = 7
 train_cfg = dict(type='EpochBasedTrainLoop', max_epochs=max_epochs, val_interval=1)
 val_cfg = dict(type='ValLoop')
 test_cfg = dict(type='TestLoop')
 param_scheduler = [
     dict(type='LinearLR', start_factor=0.01, by_epoch=False, begin=0, end=200),
     dict(type='MultiStepLR', begin=0, end=max_epochs, by_epoch=True,
-         milestones=[7], gamma=0.1)
+         milestones=[6], gamma=0.1)
 ]
 auto_scale_lr = dict(base_batch_size=8, enable=False)

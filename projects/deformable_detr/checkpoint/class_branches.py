@@ -6,7 +6,7 @@ shapes follow the class count. Add the hook to the config that names the checkpo
 
 .. code-block:: python
 
-    load_from = 'work_dirs/demo/epoch_8.pth'
+    load_from = 'work_dirs/demo/epoch_7.pth'
     custom_hooks = [dict(type='ddetr.FineTuneHook')]
 
 ``ddetr.FineTuneHook`` (:mod:`..engine.hooks.fine_tune_hook`) adapts the checkpoint as

@@ -96,13 +96,33 @@ def fake_all_reduce(other_failed: bool):
 def test_another_process_failing_stops_this_one(monkeypatch, model):
     all_reduce, calls = fake_all_reduce(other_failed=True)
     monkeypatch.setattr(non_finite, 'all_reduce', all_reduce)
-    with pytest.raises(NonFiniteError, match='another process met non-finite losses'):
+    # Rank 0 (this one) is finite; rank 1 sends its cause.
+    monkeypatch.setattr(non_finite, 'all_gather_object', lambda cause: [cause, 'X'])
+    with pytest.raises(NonFiniteError, match=r': another process met non-finite losses '
+                       r'\| rank 1: X$'):
         check_losses(dict(loss_a=torch.tensor(1.0)), model, *batch())
     assert calls == ['max']
     all_reduce, calls = fake_all_reduce(other_failed=False)
     monkeypatch.setattr(non_finite, 'all_reduce', all_reduce)
     check_losses(dict(loss_a=torch.tensor(1.0)), model, *batch())
     assert calls == ['max']  # every step takes part, finite or not
+
+
+def test_every_process_raises_every_cause(monkeypatch, model):
+    """Ranks 0 and 2 of three fail: each names both, whichever the launcher hears first."""
+    all_reduce, _ = fake_all_reduce(other_failed=True)
+    monkeypatch.setattr(non_finite, 'all_reduce', all_reduce)
+    monkeypatch.setattr(non_finite, 'first_non_finite', lambda *args: 'X')
+    sent = []
+
+    def all_gather_object(cause):
+        sent.append(cause)
+        return [cause, None, 'Y']
+    monkeypatch.setattr(non_finite, 'all_gather_object', all_gather_object)
+    with pytest.raises(NonFiniteError, match=r'^a training step: rank 0: non-finite loss '
+                       r'terms loss_a=nan; the first non-finite tensor: X \| rank 2: Y$'):
+        check_losses(dict(loss_a=torch.tensor(float('nan'))), model, *batch())
+    assert sent == ['non-finite loss terms loss_a=nan; the first non-finite tensor: X']
 
 
 def test_only_the_non_finite_terms_are_named(monkeypatch, model):

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from typing import Dict, Iterator, List, Optional, Sequence, Union
 
 import torch
-from mmengine.dist import all_reduce
+from mmengine.dist import all_gather_object, all_reduce
 from mmengine.logging import MessageHub
 from torch import Tensor, nn
 
@@ -132,8 +132,9 @@ def check_losses(losses: Dict[str, LossValue], model: nn.Module, batch_inputs: T
 
     Raises:
         NonFiniteError: naming the iteration (and epoch), the non-finite terms with
-            their values and the first non-finite tensor of this process's forward pass;
-            on a process whose own losses are finite, the fact that another failed.
+            their values and the first non-finite tensor of the forward pass; in
+            distributed training, of every process that failed, by rank, on every
+            process (one ``all_gather_object``, on this failure path only).
     """
     if not losses:
         return
@@ -149,17 +150,28 @@ def check_losses(losses: Dict[str, LossValue], model: nn.Module, batch_inputs: T
     where = f'iteration {step + 1}' if step is not None else 'a training step'
     if hub.get_info('epoch') is not None:
         where += f' (epoch {hub.get_info("epoch") + 1})'
-    if not bad_total:
+    if bad_total:
+        terms = [name for name, flag in zip(losses, bad_terms) if flag]
+        if terms:
+            what = 'non-finite loss terms ' + ', '.join(
+                f'{name}={value:g}' for name, value in zip(losses, means.tolist())
+                if name in terms)
+        else:
+            what = f'the sum of the finite loss terms overflows to {means.sum().item():g}'
+        first = first_non_finite(model, batch_inputs, batch_data_samples)
+        cause: Optional[str] = f'{what}; the first non-finite tensor: {first}'
+    else:
         # The failing processes run a forward pass to name the tensor: so does this one,
         # or their collectives in it (SyncBatchNorm's) would wait for it forever.
         first_non_finite(model, batch_inputs, batch_data_samples)
-        raise NonFiniteError(f'{where}: another process met non-finite losses')
-    terms = [name for name, flag in zip(losses, bad_terms) if flag]
-    if terms:
-        what = 'non-finite loss terms ' + ', '.join(
-            f'{name}={value:g}' for name, value in zip(losses, means.tolist())
-            if name in terms)
-    else:
-        what = f'the sum of the finite loss terms overflows to {means.sum().item():g}'
-    first = first_non_finite(model, batch_inputs, batch_data_samples)
-    raise NonFiniteError(f'{where}: {what}; the first non-finite tensor: {first}')
+        cause = None
+    # Every process raises every cause: the launcher stops the others as soon as one
+    # has exited, and the one that names the cause may not have printed it yet.
+    causes = all_gather_object(cause)  # [cause] outside distributed training
+    if len(causes) == 1 and cause is not None:
+        raise NonFiniteError(f'{where}: {cause}')
+    named = ' | '.join(f'rank {rank}: {text}' for rank, text in enumerate(causes)
+                       if text is not None)
+    if cause is None:
+        named = 'another process met non-finite losses | ' + named
+    raise NonFiniteError(f'{where}: {named}')

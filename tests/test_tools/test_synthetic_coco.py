@@ -26,10 +26,11 @@ def _generate(out: str, seed: int) -> None:
 
 @pytest.fixture(scope='module')
 def dataset(tmp_path_factory, run_tool):
-    """24 train and 6 val images, from the command line (which checks them too)."""
+    """24 train and 6 val images, from the command line (which checks them too), in 2
+    processes (``test_deterministic_for_a_seed`` compares them with 1)."""
     out = str(tmp_path_factory.mktemp('synthetic'))
     proc = run_tool(['tools/dataset_converters/synthetic_coco.py', '--out', out,
-                     '--num-train', '24', '--num-val', '6', '--seed', '3'])
+                     '--num-train', '24', '--num-val', '6', '--seed', '3', '--workers', '2'])
     assert '[train] OK' in proc.stdout and '[val] OK' in proc.stdout
     return out
 
@@ -96,3 +97,11 @@ def test_box_is_tight_around_drawn_shape():
         # the coverage reaches each side of the box to within a pixel
         assert abs(xs.min() - x) <= 1 and abs(xs.max() + 1 - (x + w)) <= 1
         assert abs(ys.min() - y) <= 1 and abs(ys.max() + 1 - (y + h)) <= 1
+
+
+def test_bad_workers_named(run_tool, tmp_path):
+    proc = run_tool(['tools/dataset_converters/synthetic_coco.py', '--out', str(tmp_path),
+                     '--workers', '0'], check=False)
+    assert proc.returncode == 2 and '--workers must be >= 1, got 0' in proc.stderr
+    with pytest.raises(ValueError, match='workers must be >= 1, got -1'):
+        synth.generate_split(str(tmp_path), 'val', 2, 0, synth.GenConfig(), workers=-1)

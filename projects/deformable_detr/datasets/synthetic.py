@@ -26,7 +26,10 @@ import json
 import os
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -204,31 +207,46 @@ def render_image(rng: np.random.Generator, cfg: GenConfig) -> tuple[np.ndarray, 
     return (np.clip(img, 0, 1) * 255).round().astype(np.uint8), objects
 
 
+def _write_image(i: int, img_dir: str, seed: int, split_id: int,
+                 cfg: GenConfig) -> tuple[str, list[dict]]:
+    """Renders image ``i`` of a split, writes it, returns its file name and objects."""
+    rng = np.random.default_rng([seed, split_id, i])
+    pixels, objects = render_image(rng, cfg)
+    file_name = f'{i + 1:06d}.jpg'
+    Image.fromarray(pixels).save(os.path.join(img_dir, file_name), quality=cfg.jpeg_quality)
+    return file_name, objects
+
+
 def generate_split(out: str, split: str, num: int, seed: int, cfg: GenConfig,
-                   verbose: bool = True) -> str:
-    """Render ``num`` images of ``split`` into ``out`` and write its COCO json."""
+                   verbose: bool = True, workers: int = 1) -> str:
+    """Render ``num`` images of ``split`` into ``out`` and write its COCO json.
+
+    ``workers`` processes render the images (the files and the json are the same for
+    any number: each image has its own generator).
+    """
+    if workers < 1:
+        raise ValueError(f'workers must be >= 1, got {workers}')
     split_id = SPLITS.index(split) if split in SPLITS else len(split)
     img_dir = os.path.join(out, split)
     os.makedirs(img_dir, exist_ok=True)
     os.makedirs(os.path.join(out, 'annotations'), exist_ok=True)
     images, annotations = [], []
     start = time.time()
-    for i in range(num):
-        rng = np.random.default_rng([seed, split_id, i])
-        pixels, objects = render_image(rng, cfg)
-        file_name = f'{i + 1:06d}.jpg'
-        Image.fromarray(pixels).save(os.path.join(img_dir, file_name),
-                                     quality=cfg.jpeg_quality)
-        images.append(dict(id=i + 1, file_name=file_name, height=cfg.img_size,
-                           width=cfg.img_size))
-        for obj in objects:
-            annotations.append(dict(id=len(annotations) + 1, image_id=i + 1, iscrowd=0,
-                                    **obj))
-        if verbose and ((i + 1) % max(1, num // 20) == 0 or i + 1 == num):
-            rate = (i + 1) / max(time.time() - start, 1e-6)
-            print(f'\r[{split}] {i + 1}/{num} images, {len(annotations)} objects, '
-                  f'{rate:.0f} img/s, ETA {(num - i - 1) / rate:.0f}s', end='',
-                  file=sys.stderr, flush=True)
+    write = partial(_write_image, img_dir=img_dir, seed=seed, split_id=split_id, cfg=cfg)
+    with ProcessPoolExecutor(workers) if workers > 1 else nullcontext() as pool:
+        # in order, in chunks: each worker renders a run of images between messages
+        done = pool.map(write, range(num), chunksize=32) if pool else map(write, range(num))
+        for i, (file_name, objects) in enumerate(done):
+            images.append(dict(id=i + 1, file_name=file_name, height=cfg.img_size,
+                               width=cfg.img_size))
+            for obj in objects:
+                annotations.append(dict(id=len(annotations) + 1, image_id=i + 1,
+                                        iscrowd=0, **obj))
+            if verbose and ((i + 1) % max(1, num // 20) == 0 or i + 1 == num):
+                rate = (i + 1) / max(time.time() - start, 1e-6)
+                print(f'\r[{split}] {i + 1}/{num} images, {len(annotations)} objects, '
+                      f'{rate:.0f} img/s, ETA {(num - i - 1) / rate:.0f}s', end='',
+                      file=sys.stderr, flush=True)
     if verbose:
         print(file=sys.stderr)
     coco = dict(info=dict(description='synthetic shapes', version='1.0'),

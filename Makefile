@@ -23,8 +23,10 @@ endif
 PIP := $(PYTHON) -m pip
 TORCH_SPEC ?= torch==2.13.0
 EXT_SOURCES := setup.py $(shell find ops/csrc -name '*.h' -o -name '*.cpp' -o -name '*.cu' -o -name '*.cuh')
-# One stamp per interpreter: each environment gets its own editable install.
+# One stamp per interpreter: each environment gets its own editable install and its own
+# record of the requirements it was given (`make clean` forgets both).
 EXT_STAMP := build/.ext-stamp$(subst /,_,$(PYTHON))
+DEPS_STAMP := build/.deps-stamp$(subst /,_,$(PYTHON))
 
 .PHONY: install deps test test-numerics check-cuda-build demo bench clean
 
@@ -38,7 +40,11 @@ $(VENV):
 	  "PYTHON=/path/to/python of an environment of yours"; rm -rf .venv; exit 1; }
 endif
 
-deps: $(VENV)
+deps: $(DEPS_STAMP)
+
+# Rerun when a requirements file changed (or the project's .venv was made again): the
+# two pip runs that check everything took 6 s a time even with nothing to install.
+$(DEPS_STAMP): $(VENV) $(wildcard requirements/*.txt)
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install $(TORCH_SPEC)
 	$(PIP) install -q -r requirements/build.txt
 	@# No mmcv wheel exists for this torch: its C++ ops build from source the first time
@@ -50,6 +56,7 @@ deps: $(VENV)
 	  "building mmcv 2.1.0's C++ ops from source (once; 10 to 30 minutes on 2 cores)" \
 	  $(PIP) install -v --no-build-isolation -r requirements/mmcv.txt
 	$(PIP) install -q -r requirements/runtime.txt -r requirements/tests.txt -r requirements/deploy.txt
+	@mkdir -p build && touch $@
 
 # Rebuilt only when a source changed: the editable install compiles ops/_C in place.
 $(EXT_STAMP): $(EXT_SOURCES)

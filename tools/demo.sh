@@ -40,10 +40,13 @@ train_s=$((SECONDS - start))
 
 # the final checkpoint, not the best one: the numbers below are not picked on val
 CKPT=$(cat "$WORK_DIR/last_checkpoint")
+# the config as trained (train.py writes it to the work dir, --cfg-options applied), so
+# that testing and drawing build the model that the checkpoint holds
+RUN_CONFIG="$WORK_DIR/$(basename "$CONFIG")"
 # (without --show-dir: drawing all 200 val images took 9 s of the 19; image_demo below
 # draws 8 with the same visualizer)
 step "testing $CKPT"
-$RUN "$PYTHON" tools/test.py "$CONFIG" "$CKPT" --work-dir "$WORK_DIR/test" \
+$RUN "$PYTHON" tools/test.py "$RUN_CONFIG" "$CKPT" --work-dir "$WORK_DIR/test" \
     --out "$WORK_DIR/test/results.pkl"
 
 step "pictures"
@@ -52,11 +55,11 @@ step "pictures"
     "$DATA/annotations/val.json" --out "$WORK_DIR/predictions.png"
 
 step "image demo on a few val images (demo/image_demo.py)"
-"$PYTHON" demo/image_demo.py "$DATA/val/00000[1-8].jpg" "$CONFIG" --weights "$CKPT" \
+"$PYTHON" demo/image_demo.py "$DATA/val/00000[1-8].jpg" "$RUN_CONFIG" --weights "$CKPT" \
     --out-dir "$WORK_DIR/image_demo" --device cpu
 
 step "sampling points of the deformable attention on one val image"
-"$PYTHON" tools/analysis_tools/visualize_attention.py "$CONFIG" "$CKPT" "$DATA/val/000001.jpg" \
+"$PYTHON" tools/analysis_tools/visualize_attention.py "$RUN_CONFIG" "$CKPT" "$DATA/val/000001.jpg" \
     --top-k 2 --pixels 64,64 --out-dir "$WORK_DIR/attention" --device cpu
 
 step "training curve"

@@ -1,6 +1,6 @@
 # Deformable DETR (iterative box refinement + two-stage) sized for the CPU demo: a
 # ResNet-18 trained from scratch on the synthetic shapes (128 px), a narrow transformer
-# (d=128, 2 encoder and 3 decoder layers, 4 levels) and 50 queries. Two-stage initialises
+# (d=128, FFN 256, 2 encoder and 3 decoder layers, 4 levels) and 50 queries. Two-stage initialises
 # the queries from the encoder's best proposals, which is what lets a from-scratch model
 # converge within a few CPU minutes; see docs/demo.md.
 _base_ = './_base_/synthetic-shapes_128.py'
@@ -11,7 +11,8 @@ embed_dims = 128
 num_levels = 4
 transformer_layers = dict(
     num_layers=2, embed_dims=embed_dims, num_heads=8, num_points=4,
-    feedforward_channels=4 * embed_dims, dropout=0.0)
+    # FFN 2x, not the paper's 4x: 11 % less training time, the same mAP (docs/demo.md)
+    feedforward_channels=2 * embed_dims, dropout=0.0)
 model = dict(
     type='ddetr.DeformableDETR',
     num_queries=50,  # <= 6 objects an image: plenty of slack for the matching
@@ -79,7 +80,8 @@ optim_wrapper = dict(
     }))
 
 max_epochs = 7
-train_cfg = dict(type='EpochBasedTrainLoop', max_epochs=max_epochs, val_interval=1)
+# validated after epochs 2, 4, 6 and 7 (the last always): 3.5 s each
+train_cfg = dict(type='EpochBasedTrainLoop', max_epochs=max_epochs, val_interval=2)
 val_cfg = dict(type='ValLoop')
 test_cfg = dict(type='TestLoop')
 param_scheduler = [

@@ -1,7 +1,7 @@
 # DETR baseline for the convergence comparison: mmdet's own DETR on the same synthetic
-# data, with the same backbone (ResNet-18 from scratch), width (d=128), depth (2 encoder,
-# 3 decoder layers), queries, optimiser, schedule and epochs as the Deformable DETR demo
-# config. What differs is what DETR is: one C5 feature map (stride 32, i.e. 4x4 at
+# data, with the same backbone (ResNet-18 from scratch), width (d=128, FFN 256), depth
+# (2 encoder, 3 decoder layers), queries, optimiser, schedule and epochs as the
+# Deformable DETR demo config. What differs is what DETR is: one C5 feature map (stride 32, i.e. 4x4 at
 # 128 px) with dense attention, no multi-scale features, no reference points, and
 # softmax classification with a "no object" class.
 _base_ = './_base_/synthetic-shapes_128.py'
@@ -40,7 +40,7 @@ model = dict(
         layer_cfg=dict(
             self_attn_cfg=dict(embed_dims=embed_dims, num_heads=8, dropout=0.0,
                                batch_first=True),
-            ffn_cfg=dict(embed_dims=embed_dims, feedforward_channels=4 * embed_dims,
+            ffn_cfg=dict(embed_dims=embed_dims, feedforward_channels=2 * embed_dims,
                          num_fcs=2, ffn_drop=0.0, act_cfg=dict(type='ReLU', inplace=True)))),
     decoder=dict(  # DetrTransformerDecoder
         num_layers=3,
@@ -49,7 +49,7 @@ model = dict(
                                batch_first=True),
             cross_attn_cfg=dict(embed_dims=embed_dims, num_heads=8, dropout=0.0,
                                 batch_first=True),
-            ffn_cfg=dict(embed_dims=embed_dims, feedforward_channels=4 * embed_dims,
+            ffn_cfg=dict(embed_dims=embed_dims, feedforward_channels=2 * embed_dims,
                          num_fcs=2, ffn_drop=0.0, act_cfg=dict(type='ReLU', inplace=True))),
         return_intermediate=True),
     positional_encoding=dict(num_feats=embed_dims // 2, normalize=True),
@@ -78,7 +78,7 @@ optim_wrapper = dict(
     clip_grad=dict(max_norm=1.0, norm_type=2))
 
 max_epochs = 7
-train_cfg = dict(type='EpochBasedTrainLoop', max_epochs=max_epochs, val_interval=1)
+train_cfg = dict(type='EpochBasedTrainLoop', max_epochs=max_epochs, val_interval=2)
 val_cfg = dict(type='ValLoop')
 test_cfg = dict(type='TestLoop')
 param_scheduler = [

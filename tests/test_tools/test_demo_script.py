@@ -6,6 +6,7 @@ test's, test_smoke_map.py, and the README's measured run).
 """
 import os
 import os.path as osp
+import pickle
 
 DEMO = 'configs/synthetic/deformable-detr-refine-twostage_r18_1xb8-synthetic.py'
 
@@ -23,7 +24,11 @@ val_evaluator = dict(ann_file=data_root + 'annotations/val.json')
 test_evaluator = val_evaluator
 train_cfg = dict(max_epochs=1)
 ''')
-    proc = run_tool(['bash', 'tools/demo.sh'], env=dict(
+    # train.py's options reach the steps after it too (they use the config as trained):
+    # the test keeps 30 detections an image, and a checkpoint of 20 queries loads (into
+    # the default 50 queries, image_demo.py refuses it)
+    proc = run_tool(['bash', 'tools/demo.sh', '--cfg-options', 'model.num_queries=20',
+                     'model.test_cfg.max_per_img=30'], env=dict(
         CONFIG=str(config), DATA=str(data), WORK_DIR=str(work), NUM_TRAIN='8', NUM_VAL='8',
         NICE='0'))
     out = proc.stdout
@@ -33,3 +38,7 @@ train_cfg = dict(max_epochs=1)
                  'attention/attention.json', 'test/results.pkl'):
         assert osp.isfile(work / path), (path, sorted(os.listdir(work)))
     assert len(os.listdir(work / 'image_demo' / 'vis')) == 8
+    with open(work / 'test' / 'results.pkl', 'rb') as f:
+        results = pickle.load(f)
+    assert len(results) == 8
+    assert [len(r['pred_instances']['scores']) for r in results] == [30] * 8

@@ -94,6 +94,10 @@ def main() -> None:
     elif cfg.get('work_dir') is None:
         cfg.work_dir = osp.join('./work_dirs', osp.splitext(osp.basename(args.config))[0])
     cfg.load_from = args.checkpoint
+    # a checkpoint that does not fit the model is an error, not a warning and a
+    # half-loaded model (MMEngine's load_from)
+    cfg.custom_hooks = list(cfg.get('custom_hooks') or []) + [
+        dict(type='ddetr.CheckpointFitHook')]
     if args.show or args.show_dir:
         enable_visualization(cfg, args)
     if args.tta:

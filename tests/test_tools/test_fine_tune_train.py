@@ -133,6 +133,6 @@ def test_fine_tune_refuses_other_mismatches(demo_checkpoint, new_shapes, tmp_pat
     assert 'CheckpointMismatchError' in proc.stderr
     assert '1 key of the model missing from the checkpoint:\n  level_embed' in proc.stderr
     assert ('1 tensor of the checkpoint with other shapes than the model\'s:\n  '
-            'encoder.layers.0.ffn.layers.1.weight: checkpoint (128, 7), model (128, 512)'
+            'encoder.layers.0.ffn.layers.1.weight: checkpoint (128, 7), model (128, 256)'
             in proc.stderr)
     assert not osp.exists(tmp_path / 'run' / 'epoch_1.pth')

@@ -38,6 +38,9 @@ from .state_dict import strip_ddp_prefix
 
 CLASS_BRANCH = re.compile(r'^bbox_head\.cls_branches\.(\d+)\.(weight|bias)$')
 MOST_KEYS = 30  # keys listed in an error; more are counted
+# What mmdet's DeformableDETR lacks of ours: its GroupNorm-followed neck convs have no
+# bias (ours start theirs at zero, which is what mmdet computes)
+MMDET_MISSING = re.compile(r'^neck\.(convs|extra_convs)\.\d+\.conv\.bias$')
 
 
 class CheckpointMismatchError(ValueError):
@@ -58,6 +61,23 @@ def _shape(t: torch.Tensor) -> str:
     return '(' + ', '.join(str(s) for s in t.shape) + ')'
 
 
+def state_dict_of(checkpoint: dict) -> Dict[str, torch.Tensor]:
+    """The state dict of a loaded checkpoint (MMEngine's, or a bare state dict).
+
+    Raises:
+        CheckpointMismatchError: not a dict, or an official Deformable-DETR checkpoint
+            (a ``model`` entry), which must be converted first.
+    """
+    if not isinstance(checkpoint, dict):
+        raise CheckpointMismatchError(f'a checkpoint must be a dict, got '
+                                      f'{type(checkpoint).__name__}')
+    if 'state_dict' not in checkpoint and isinstance(checkpoint.get('model'), dict):
+        raise CheckpointMismatchError(
+            'this looks like an official Deformable-DETR checkpoint (a "model" entry): '
+            'convert it first with tools/model_converters/official_to_ours.py')
+    return checkpoint.get('state_dict', checkpoint)
+
+
 def proposal_class_branch(model: nn.Module) -> Optional[int]:
     """Index of the two-stage proposal classifier among ``bbox_head.cls_branches``.
 
@@ -72,7 +92,8 @@ def proposal_class_branch(model: nn.Module) -> Optional[int]:
 
 
 def fit_class_branches(model: nn.Module, state_dict: Dict[str, torch.Tensor],
-                       allow_other_classes: bool = True) -> List[str]:
+                       allow_other_classes: bool = True,
+                       may_miss: Optional[re.Pattern] = None) -> List[str]:
     """Makes ``state_dict`` load strictly into ``model``, for another class set.
 
     Class branches of another class count are replaced, in ``state_dict``, by the
@@ -86,9 +107,12 @@ def fit_class_branches(model: nn.Module, state_dict: Dict[str, torch.Tensor],
         state_dict: The checkpoint's state dict (keys with or without DDP's
             ``module.`` prefix); changed in place.
         allow_other_classes: False refuses class branches of other shapes too.
+        may_miss: The model's keys that the checkpoint may lack (they keep the model's
+            values); any other missing key is an error.
 
     Returns:
-        One line per adapted tensor: its name, both shapes and what was done.
+        One line per adapted tensor: its name, both shapes and what was done; and one
+        per key of ``may_miss`` that the checkpoint lacks.
 
     Raises:
         CheckpointMismatchError: missing or unexpected keys, or tensors of other shapes
@@ -99,6 +123,8 @@ def fit_class_branches(model: nn.Module, state_dict: Dict[str, torch.Tensor],
     names = {key: strip_ddp_prefix(key) for key in state_dict}
     theirs = set(names.values())
     missing = [k for k in own if k not in theirs]
+    kept = [k for k in missing if may_miss is not None and may_miss.match(k)]
+    missing = [k for k in missing if k not in kept]
     unexpected = [names[k] for k in state_dict if names[k] not in own]
     proposal_branch = proposal_class_branch(model)
     lines, other_shapes, fitted_values = [], [], {}
@@ -119,7 +145,7 @@ def fit_class_branches(model: nn.Module, state_dict: Dict[str, torch.Tensor],
         raise CheckpointMismatchError(_mismatch_report(missing, unexpected, other_shapes,
                                                        allow_other_classes))
     state_dict.update(fitted_values)
-    return lines
+    return lines + [f'{k}: not in the checkpoint, keeps the model\'s value' for k in kept]
 
 
 def _fit_class_branch(value: torch.Tensor, target: torch.Tensor,
@@ -145,8 +171,7 @@ def _mismatch_report(missing: Sequence[str], unexpected: Sequence[str],
     if missing:
         problems.append(f'{_count(missing, "key")} of the model missing from the '
                         'checkpoint:' + _listing(missing))
-        if all(re.match(r'^neck\.(convs|extra_convs)\.\d+\.conv\.bias$', k)
-               for k in missing):
+        if all(MMDET_MISSING.match(k) for k in missing):
             problems.append('(the neck conv biases only: an mmdet checkpoint? Convert '
                             'it with tools/model_converters/mmdet_to_ours.py)')
     if unexpected:

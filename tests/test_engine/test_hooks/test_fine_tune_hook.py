@@ -1,4 +1,5 @@
-"""Fine-tuning load: a checkpoint of other classes loads but for its class branches."""
+"""Fine-tuning load: a checkpoint of other classes loads but for its class branches; and
+tools/test.py's load (CheckpointFitHook): a checkpoint that does not fit is an error."""
 import logging
 import types
 
@@ -10,7 +11,7 @@ from mmengine.registry import init_default_scope
 
 from projects.deformable_detr.checkpoint.class_branches import (CheckpointMismatchError,
                                                                fit_class_branches)
-from projects.deformable_detr.engine.hooks import FineTuneHook
+from projects.deformable_detr.engine.hooks import CheckpointFitHook, FineTuneHook
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
@@ -166,3 +167,58 @@ def test_resume_and_uninitialised_models_take_no_other_classes(small_model_cfg):
     lines = fit_class_branches(model, prefixed)
     assert len(lines) == 2 * (model.decoder.num_layers + 1)
     assert prefixed['module.bbox_head.cls_branches.0.weight'].shape == (3, 256)
+
+
+# --- CheckpointFitHook (tools/test.py) ----------------------------------------------
+
+def test_fit_hook_passes_a_fitting_checkpoint_untouched(small_model_cfg):
+    model = build(small_model_cfg, 'twostage', num_classes=5, seed=0, init=False)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    CheckpointFitHook().after_load_checkpoint(runner(model), dict(state_dict=state))
+    assert state.keys() == model.state_dict().keys()
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+def test_fit_hook_lists_every_difference(small_model_cfg):
+    model = build(small_model_cfg, 'twostage', num_classes=5, seed=0, init=False)
+    hook = CheckpointFitHook()
+    # another FFN width (what --cfg-options at training gives), and other classes
+    wider = build(small_model_cfg, 'twostage', num_classes=7, seed=0, init=False)
+    state = dict(model.state_dict())
+    ffn = next(k for k in state if k.endswith('ffn.layers.0.0.weight'))
+    state[ffn] = torch.zeros(state[ffn].shape[0] * 2, state[ffn].shape[1])
+    cls = 'bbox_head.cls_branches.0.weight'
+    state[cls] = wider.state_dict()[cls]
+    state['extra.weight'] = torch.zeros(1)
+    del state['level_embed']
+    with pytest.raises(CheckpointMismatchError) as err:
+        hook.after_load_checkpoint(runner(model), dict(state_dict=state))
+    message = str(err.value)
+    assert message.startswith('the checkpoint does not fit the model:')
+    assert 'level_embed' in message and 'extra.weight' in message
+    assert f'{ffn}: checkpoint ({2 * model.state_dict()[ffn].shape[0]}, ' in message
+    assert 'bbox_head.cls_branches.0.weight: checkpoint (7, ' in message
+
+
+def test_fit_hook_loads_an_mmdet_checkpoint_with_a_warning(small_model_cfg):
+    """mmdet's model has no neck conv biases: ours keep their zeros."""
+    model = build(small_model_cfg, 'twostage', num_classes=5, seed=0, perturb=False,
+                  init=False)
+    biases = [k for k in model.state_dict() if k.startswith('neck.') and
+              k.endswith('conv.bias')]
+    assert biases and all(not model.state_dict()[k].any() for k in biases)
+    mmdet_like = {k: v for k, v in model.state_dict().items() if k not in biases}
+    with Records() as records:
+        CheckpointFitHook().after_load_checkpoint(runner(model), dict(state_dict=mmdet_like))
+    warning, = [m for m in records.messages if 'neck conv biases' in m]
+    assert all(f'{k}: not in the checkpoint' in warning for k in biases)
+    # another missing key is still an error
+    del mmdet_like['level_embed']
+    with pytest.raises(CheckpointMismatchError, match='level_embed'):
+        CheckpointFitHook().after_load_checkpoint(runner(model), dict(state_dict=mmdet_like))
+
+
+def test_fit_hook_sends_official_checkpoints_to_the_converter(small_model_cfg):
+    model = build(small_model_cfg, 'plain', num_classes=5, seed=0, init=False)
+    with pytest.raises(CheckpointMismatchError, match='official_to_ours.py'):
+        CheckpointFitHook().after_load_checkpoint(runner(model), dict(model={}))

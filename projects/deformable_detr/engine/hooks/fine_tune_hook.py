@@ -12,7 +12,7 @@ from typing import List, Optional
 from mmengine.hooks import Hook
 from mmengine.logging import print_log
 
-from ...checkpoint.class_branches import CheckpointMismatchError, fit_class_branches
+from ...checkpoint.class_branches import fit_class_branches, state_dict_of
 from ...checkpoint.ema import WEIGHTS, pick_weights
 from ...registry import HOOKS
 
@@ -40,13 +40,7 @@ class FineTuneHook(Hook):
         self.weights = weights
 
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
-        if not isinstance(checkpoint, dict):
-            raise CheckpointMismatchError(f'a checkpoint must be a dict, got '
-                                          f'{type(checkpoint).__name__}')
-        if 'state_dict' not in checkpoint and isinstance(checkpoint.get('model'), dict):
-            raise CheckpointMismatchError(
-                'this looks like an official Deformable-DETR checkpoint (a "model" entry): '
-                'convert it first with tools/model_converters/official_to_ours.py')
+        state_dict_of(checkpoint)  # a checkpoint of ours, or a clear error
         model = getattr(runner.model, 'module', runner.model)
         # Resuming continues the same run; an uninitialised model (test, val) would keep
         # random class branches: neither may replace any tensor.

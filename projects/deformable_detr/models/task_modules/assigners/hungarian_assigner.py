@@ -1,5 +1,5 @@
 """One-to-one matching of queries to ground truth (DETR's Hungarian matcher)."""
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -8,6 +8,12 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
 from ....registry import TASK_UTILS
+
+
+def _scale(like: Tensor, img_size: Optional[Tuple[int, int]]) -> Tensor:
+    """(w, h, w, h) of an image, or ones: the factor to pixels of its GIoU cost."""
+    values = [img_size[1], img_size[0]] * 2 if img_size else [1.0] * 4
+    return like.new_tensor(values)
 
 
 @TASK_UTILS.register_module()
@@ -32,16 +38,61 @@ class HungarianAssigner:
     def cost_matrix(self, cls_logits: Tensor, pred_boxes: Tensor, gt_labels: Tensor,
                     gt_boxes: Tensor, img_size: Optional[Tuple[int, int]] = None) -> Tensor:
         """(num_queries, num_gts) matching cost; arguments as in :meth:`assign`."""
-        prob = cls_logits.sigmoid()[:, gt_labels]
+        scale = _scale(pred_boxes, img_size)
+        return self._costs(cls_logits[None], pred_boxes[None], gt_labels[None],
+                           gt_boxes[None], scale[None])[0]
+
+    def _costs(self, cls_logits: Tensor, pred_boxes: Tensor, gt_labels: Tensor,
+               gt_boxes: Tensor, scale: Tensor) -> Tensor:
+        """(p, num_queries, num_gts) costs of p problems of the same sizes: logits (p, nq,
+        num_classes), boxes (p, nq, 4) and (p, ng, 4), labels (p, ng), each problem's
+        pixel scale (p, 4)."""
+        prob = cls_logits.sigmoid().gather(
+            2, gt_labels[:, None, :].expand(-1, cls_logits.shape[1], -1))
         # Focal loss of calling the query positive minus that of calling it negative.
         pos = -(prob + self.eps).log() * self.alpha * (1 - prob).pow(self.gamma)
         neg = -(1 - prob + self.eps).log() * (1 - self.alpha) * prob.pow(self.gamma)
         l1 = torch.cdist(pred_boxes, gt_boxes, p=1)
         # GIoU is scale-free; taking it in pixels only mirrors mmdet's numerics.
-        scale = pred_boxes.new_tensor([img_size[1], img_size[0]] * 2) if img_size else 1.0
-        giou = bbox_overlaps(bbox_cxcywh_to_xyxy(pred_boxes) * scale,
-                             bbox_cxcywh_to_xyxy(gt_boxes) * scale, mode='giou')
+        giou = bbox_overlaps(bbox_cxcywh_to_xyxy(pred_boxes) * scale[:, None],
+                             bbox_cxcywh_to_xyxy(gt_boxes) * scale[:, None], mode='giou')
         return self.cls_weight * (pos - neg) + self.l1_weight * l1 - self.giou_weight * giou
+
+    def cost_matrices(self, problems: Sequence[Tuple[Tensor, Tensor, Tensor, Tensor,
+                                                     Optional[Tuple[int, int]]]]
+                      ) -> List[Tensor]:
+        """The cost matrix of every problem (arguments as :meth:`assign_batch`'s).
+
+        Problems with the same number of queries and classes are computed in one pass,
+        their ground truth padded to the largest count: one set of small operations
+        for all the images of all the decoder layers, not one per image and layer.
+        """
+        costs: List[Optional[Tensor]] = [None] * len(problems)
+        groups: Dict[Tuple, List[int]] = {}
+        for k, (cls_logits, *_) in enumerate(problems):
+            groups.setdefault((tuple(cls_logits.shape), cls_logits.dtype,
+                               cls_logits.device), []).append(k)
+        for members in groups.values():
+            counts = [len(problems[k][2]) for k in members]
+            if len(members) == 1 or not max(counts) or not len(problems[members[0]][0]):
+                for k in members:
+                    costs[k] = self.cost_matrix(*problems[k])
+                continue
+            most = max(counts)
+            cls_logits = torch.stack([problems[k][0] for k in members])
+            pred_boxes = torch.stack([problems[k][1] for k in members])
+            # Padding: label 0 and a whole-image box, finite; its columns are dropped.
+            gt_labels = cls_logits.new_zeros(len(members), most, dtype=torch.long)
+            gt_boxes = pred_boxes.new_tensor([0.5, 0.5, 1.0, 1.0]).repeat(
+                len(members), most, 1)
+            for i, (k, count) in enumerate(zip(members, counts)):
+                gt_labels[i, :count] = problems[k][2]
+                gt_boxes[i, :count] = problems[k][3]
+            scale = torch.stack([_scale(pred_boxes, problems[k][4]) for k in members])
+            batched = self._costs(cls_logits, pred_boxes, gt_labels, gt_boxes, scale)
+            for i, (k, count) in enumerate(zip(members, counts)):
+                costs[k] = batched[i, :, :count]
+        return costs
 
     @torch.no_grad()
     def assign(self, cls_logits: Tensor, pred_boxes: Tensor, gt_labels: Tensor,
@@ -87,7 +138,7 @@ class HungarianAssigner:
             its cost matrix is not finite (nothing is matched: scipy refuses such
             matrices, and the caller decides what a non-finite prediction means).
         """
-        costs = [self.cost_matrix(*problem) for problem in problems]
+        costs = self.cost_matrices(problems)
         if not costs:
             return []
         device = costs[0].device

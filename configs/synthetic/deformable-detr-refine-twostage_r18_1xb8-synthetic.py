@@ -1,8 +1,8 @@
 # Deformable DETR (iterative box refinement + two-stage) sized for the CPU demo: a
 # ResNet-18 trained from scratch on the synthetic shapes (128 px), a narrow transformer
-# (d=128, FFN 256, 2 encoder and 3 decoder layers, 4 levels) and 50 queries. Two-stage initialises
-# the queries from the encoder's best proposals, which is what lets a from-scratch model
-# converge within a few CPU minutes; see docs/demo.md.
+# (d=128, FFN 256, 2 encoder and 3 decoder layers, 4 levels) and 50 queries. Two-stage
+# initialises the queries from the encoder's best proposals, which is what lets a
+# from-scratch model converge within a few CPU minutes; see docs/demo.md.
 _base_ = './_base_/synthetic-shapes_128.py'
 
 custom_imports = dict(imports=['projects.deformable_detr'], allow_failed_imports=False)
@@ -11,7 +11,7 @@ embed_dims = 128
 num_levels = 4
 transformer_layers = dict(
     num_layers=2, embed_dims=embed_dims, num_heads=8, num_points=4,
-    # FFN 2x, not the paper's 4x: 11 % less training time, the same mAP (docs/demo.md)
+    # FFN 2x, not the paper's 4x: 4-9 % less an iteration, the same mAP (docs/demo.md)
     feedforward_channels=2 * embed_dims, dropout=0.0)
 model = dict(
     type='ddetr.DeformableDETR',

@@ -1,9 +1,9 @@
 # DETR baseline for the convergence comparison: mmdet's own DETR on the same synthetic
 # data, with the same backbone (ResNet-18 from scratch), width (d=128, FFN 256), depth
 # (2 encoder, 3 decoder layers), queries, optimiser, schedule and epochs as the
-# Deformable DETR demo config. What differs is what DETR is: one C5 feature map (stride 32, i.e. 4x4 at
-# 128 px) with dense attention, no multi-scale features, no reference points, and
-# softmax classification with a "no object" class.
+# Deformable DETR demo config. What differs is what DETR is: one C5 feature map (stride
+# 32, i.e. 4x4 at 128 px) with dense attention, no multi-scale features, no reference
+# points, and softmax classification with a "no object" class.
 _base_ = './_base_/synthetic-shapes_128.py'
 
 embed_dims = 128

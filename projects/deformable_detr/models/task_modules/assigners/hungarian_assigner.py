@@ -6,6 +6,7 @@ import torch
 from mmdet.structures.bbox import bbox_cxcywh_to_xyxy, bbox_overlaps
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
+from torch.nn.utils.rnn import pad_sequence
 
 from ....registry import TASK_UTILS
 
@@ -78,16 +79,13 @@ class HungarianAssigner:
                 for k in members:
                     costs[k] = self.cost_matrix(*problems[k])
                 continue
-            most = max(counts)
             cls_logits = torch.stack([problems[k][0] for k in members])
             pred_boxes = torch.stack([problems[k][1] for k in members])
-            # Padding: label 0 and a whole-image box, finite; its columns are dropped.
-            gt_labels = cls_logits.new_zeros(len(members), most, dtype=torch.long)
-            gt_boxes = pred_boxes.new_tensor([0.5, 0.5, 1.0, 1.0]).repeat(
-                len(members), most, 1)
-            for i, (k, count) in enumerate(zip(members, counts)):
-                gt_labels[i, :count] = problems[k][2]
-                gt_boxes[i, :count] = problems[k][3]
+            # Padding: label 0 and the box (0.5, 0.5, 0.5, 0.5), finite costs in columns
+            # that are dropped.
+            gt_labels = pad_sequence([problems[k][2] for k in members], batch_first=True)
+            gt_boxes = pad_sequence([problems[k][3] for k in members], batch_first=True,
+                                    padding_value=0.5)
             scale = torch.stack([_scale(pred_boxes, problems[k][4]) for k in members])
             batched = self._costs(cls_logits, pred_boxes, gt_labels, gt_boxes, scale)
             for i, (k, count) in enumerate(zip(members, counts)):
